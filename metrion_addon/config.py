@@ -1,0 +1,309 @@
+"""YAML configuration -> typed, validated settings.
+
+Every problem is reported as one `ConfigError` naming the field (``accounts[1].tokens[0]``) and, where YAML
+knows it, the line. Secrets (tokens, keys) never appear in a message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TOKEN_PREFIX = "sk-metrion-"
+_SHA256_RE = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
+_ENV_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
+_PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read", "web_search_per_1000")
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the person who wrote the file."""
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    token_hashes: tuple[bytes, ...]
+    anthropic_api_key: str | None = field(default=None, repr=False)
+    allow_passthrough: bool = True
+
+
+@dataclass(frozen=True)
+class PriceOverride:
+    """Per-million-token prices (web search: per 1000 searches) for model ids starting with `prefix`."""
+
+    prefix: str
+    input: Decimal
+    output: Decimal
+    cache_write_5m: Decimal | None = None
+    cache_write_1h: Decimal | None = None
+    cache_read: Decimal | None = None
+    web_search_per_1000: Decimal | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    upstream: str = "https://api.anthropic.com"
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    path_prefix: str = ""
+    database: Path = Path("metrion.db")
+    accounts: tuple[Account, ...] = ()
+    price_overrides: tuple[PriceOverride, ...] = ()
+
+
+def hash_token(token: str) -> bytes:
+    """The form in which proxy tokens are kept in memory and compared."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+# --- YAML with line numbers -------------------------------------------------------------------------
+
+
+class _Node:
+    """A YAML value and the line it started on (1-based)."""
+
+    __slots__ = ("value", "line")
+
+    def __init__(self, value: Any, line: int) -> None:
+        self.value = value
+        self.line = line
+
+
+def _convert(node: yaml.Node) -> _Node:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        out: dict[str, _Node] = {}
+        for key_node, value_node in node.value:
+            key = _LOADER.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: mapping keys must be plain names")
+            if key in out:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
+            out[key] = _convert(value_node)
+        return _Node(out, line)
+    if isinstance(node, yaml.SequenceNode):
+        return _Node([_convert(n) for n in node.value], line)
+    return _Node(_LOADER.construct_object(node), line)
+
+
+_LOADER = yaml.SafeLoader("")
+
+
+def _parse_yaml(text: str, source: str) -> _Node | None:
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
+    return None if root is None else _convert(root)
+
+
+# --- validation helpers -----------------------------------------------------------------------------
+
+
+class _Ctx:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, where: str, node: _Node | None, message: str) -> ConfigError:
+        line = f"line {node.line}, " if node is not None else ""
+        return ConfigError(f"{self.source}: {line}field '{where}': {message}")
+
+    def mapping(self, node: _Node, where: str, allowed: tuple[str, ...]) -> dict[str, _Node]:
+        if not isinstance(node.value, dict):
+            raise self.fail(where, node, f"must be a mapping, got {_type_name(node.value)}")
+        for key, child in node.value.items():
+            if key not in allowed:
+                name = f"{where}.{key}" if where else key
+                raise self.fail(name, child, f"unknown key (allowed: {', '.join(allowed)})")
+        return node.value
+
+    def string(self, node: _Node, where: str, *, secret: bool = False) -> str:
+        if not isinstance(node.value, str) or not node.value:
+            got = "a secret of the wrong type" if secret else _type_name(node.value)
+            raise self.fail(where, node, f"must be a non-empty string, got {got}")
+        return node.value
+
+    def integer(self, node: _Node, where: str, lo: int, hi: int) -> int:
+        if not isinstance(node.value, int) or isinstance(node.value, bool):
+            raise self.fail(where, node, f"must be an integer, got {_type_name(node.value)}")
+        if not lo <= node.value <= hi:
+            raise self.fail(where, node, f"must be between {lo} and {hi}, got {node.value}")
+        return node.value
+
+    def boolean(self, node: _Node, where: str) -> bool:
+        if not isinstance(node.value, bool):
+            raise self.fail(where, node, f"must be true or false, got {_type_name(node.value)}")
+        return node.value
+
+    def price(self, node: _Node, where: str) -> Decimal:
+        if isinstance(node.value, bool) or not isinstance(node.value, int | float | str):
+            raise self.fail(where, node, f"must be a number (USD), got {_type_name(node.value)}")
+        try:
+            value = Decimal(str(node.value))
+        except InvalidOperation:
+            raise self.fail(where, node, f"must be a number (USD), got {node.value!r}") from None
+        if not value.is_finite() or value < 0:
+            raise self.fail(where, node, "must be a finite, non-negative number")
+        return value
+
+    def sequence(self, node: _Node, where: str) -> list[_Node]:
+        if not isinstance(node.value, list):
+            raise self.fail(where, node, f"must be a list, got {_type_name(node.value)}")
+        return node.value
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "nothing (null)"
+    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _expand_env(ctx: _Ctx, node: _Node, where: str, env: dict[str, str]) -> str:
+    raw = ctx.string(node, where, secret=True)
+    m = _ENV_RE.match(raw)
+    if not m:
+        if "${" in raw:
+            raise ctx.fail(where, node, "use exactly '${VAR_NAME}' to read a secret from the environment")
+        return raw
+    value = env.get(m.group(1))
+    if not value:
+        raise ctx.fail(where, node, f"environment variable {m.group(1)} is not set (or empty)")
+    return value
+
+
+def _token_hash(ctx: _Ctx, node: _Node, where: str) -> bytes:
+    raw = ctx.string(node, where, secret=True)
+    m = _SHA256_RE.match(raw)
+    if m:
+        return bytes.fromhex(m.group(1))
+    if raw.startswith("sha256:"):
+        raise ctx.fail(where, node, "a hashed token must be 'sha256:' followed by 64 hex digits")
+    if not raw.startswith(TOKEN_PREFIX) or len(raw) < len(TOKEN_PREFIX) + 8:
+        raise ctx.fail(
+            where, node, f"a proxy token must start with '{TOKEN_PREFIX}' and have at least 8 more characters"
+        )
+    return hash_token(raw)
+
+
+# --- the loader -------------------------------------------------------------------------------------
+
+_TOP_KEYS = ("upstream", "listen_host", "listen_port", "path_prefix", "database", "accounts", "pricing")
+_ACCOUNT_KEYS = ("name", "tokens", "anthropic_api_key", "allow_passthrough")
+_PRICING_KEYS = ("overrides",)
+_OVERRIDE_KEYS = ("prefix", *_PRICE_FIELDS)
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
+    """Read and validate the config file; raise ConfigError with one clear message on any problem."""
+    env = dict(os.environ) if env is None else env
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read config file: {e.__class__.__name__}: {e}") from None
+    return parse_config(text, p.resolve(), env)
+
+
+def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
+    ctx = _Ctx(str(path))
+    root = _parse_yaml(text, str(path))
+    if root is None:
+        raise ConfigError(f"{path}: the config file is empty")
+    top = ctx.mapping(root, "", _TOP_KEYS)
+    kw: dict[str, Any] = {}
+
+    if "upstream" in top:
+        up = ctx.string(top["upstream"], "upstream").rstrip("/")
+        if not re.match(r"^https?://[^/\s]+$", up):
+            raise ctx.fail("upstream", top["upstream"], "must be a URL like https://api.anthropic.com (no path)")
+        kw["upstream"] = up
+    if "listen_host" in top:
+        kw["listen_host"] = ctx.string(top["listen_host"], "listen_host")
+    if "listen_port" in top:
+        kw["listen_port"] = ctx.integer(top["listen_port"], "listen_port", 1, 65535)
+    if "path_prefix" in top:
+        prefix = top["path_prefix"]
+        value = "" if prefix.value in (None, "") else ctx.string(prefix, "path_prefix")
+        if value and (not value.startswith("/") or value.endswith("/") or "?" in value):
+            raise ctx.fail("path_prefix", prefix, "must start with '/' and not end with '/' (e.g. /api/proxy)")
+        kw["path_prefix"] = value
+    db = Path(ctx.string(top["database"], "database")) if "database" in top else Path("metrion.db")
+    kw["database"] = db if db.is_absolute() else path.parent / db
+
+    if "accounts" not in top:
+        raise ConfigError(f"{path}: field 'accounts': required (a list of accounts with tokens)")
+    accounts: list[Account] = []
+    seen_tokens: dict[bytes, str] = {}
+    seen_names: set[str] = set()
+    for i, acc_node in enumerate(ctx.sequence(top["accounts"], "accounts")):
+        where = f"accounts[{i}]"
+        acc = ctx.mapping(acc_node, where, _ACCOUNT_KEYS)
+        if "name" not in acc:
+            raise ctx.fail(f"{where}.name", acc_node, "required")
+        name = ctx.string(acc["name"], f"{where}.name")
+        if name in seen_names:
+            raise ctx.fail(f"{where}.name", acc["name"], f"account name {name!r} is used twice")
+        seen_names.add(name)
+        if "tokens" not in acc:
+            raise ctx.fail(f"{where}.tokens", acc_node, "required (a list of proxy tokens)")
+        hashes: list[bytes] = []
+        for j, tok_node in enumerate(ctx.sequence(acc["tokens"], f"{where}.tokens")):
+            tw = f"{where}.tokens[{j}]"
+            h = _token_hash(ctx, tok_node, tw)
+            if h in seen_tokens:
+                raise ctx.fail(tw, tok_node, f"duplicate token (already used at {seen_tokens[h]})")
+            seen_tokens[h] = tw
+            hashes.append(h)
+        if not hashes:
+            raise ctx.fail(f"{where}.tokens", acc["tokens"], "must hold at least one token")
+        key = None
+        if "anthropic_api_key" in acc and acc["anthropic_api_key"].value is not None:
+            key = _expand_env(ctx, acc["anthropic_api_key"], f"{where}.anthropic_api_key", env)
+        passthrough = (
+            ctx.boolean(acc["allow_passthrough"], f"{where}.allow_passthrough")
+            if "allow_passthrough" in acc
+            else True
+        )
+        if key is None and not passthrough:
+            raise ctx.fail(
+                where, acc_node, "needs anthropic_api_key (managed mode) or allow_passthrough: true, or both"
+            )
+        accounts.append(Account(name, tuple(hashes), key, passthrough))
+    if not accounts:
+        raise ctx.fail("accounts", top["accounts"], "must hold at least one account")
+    kw["accounts"] = tuple(accounts)
+
+    if "pricing" in top:
+        pricing = ctx.mapping(top["pricing"], "pricing", _PRICING_KEYS)
+        overrides: list[PriceOverride] = []
+        seen_prefixes: set[str] = set()
+        for i, o_node in enumerate(ctx.sequence(pricing.get("overrides", _Node([], 0)), "pricing.overrides")):
+            where = f"pricing.overrides[{i}]"
+            o = ctx.mapping(o_node, where, _OVERRIDE_KEYS)
+            for required in ("prefix", "input", "output"):
+                if required not in o:
+                    raise ctx.fail(f"{where}.{required}", o_node, "required")
+            prefix = ctx.string(o["prefix"], f"{where}.prefix")
+            if prefix in seen_prefixes:
+                raise ctx.fail(f"{where}.prefix", o["prefix"], f"prefix {prefix!r} is listed twice")
+            seen_prefixes.add(prefix)
+            prices = {f: ctx.price(o[f], f"{where}.{f}") for f in _PRICE_FIELDS if f in o}
+            overrides.append(PriceOverride(prefix=prefix, **prices))
+        kw["price_overrides"] = tuple(overrides)
+
+    return Config(path=path, **kw)

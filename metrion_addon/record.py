@@ -1,0 +1,143 @@
+"""What is known about one request, from start to end, and the row it becomes. Pure: no mitmproxy, no I/O."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from metrion_addon.pricing import Pricer
+from metrion_addon.usage import ResponseFacts, StreamTap
+
+_MESSAGES_RE = re.compile(r"^(?:/v1)?/messages(/.*)?$")
+_CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
+LABEL_MAX = 200
+
+
+def iso_ms(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def upstream_path(path: str, prefix: str) -> str:
+    """Client path (with query) -> upstream path (with query): strip the configured prefix, add a missing /v1."""
+    p, sep, query = path.partition("?")
+    if prefix and (p == prefix or p.startswith(prefix + "/")):
+        p = p[len(prefix) :] or "/"
+    if _MESSAGES_RE.match(p) and not p.startswith("/v1/"):
+        p = "/v1" + p
+    return p + sep + query
+
+
+def clean_label(value: str | None) -> str | None:
+    """A user/agent label as stored: control characters removed, length capped, empty -> None."""
+    if value is None:
+        return None
+    value = _CTRL_RE.sub("", value).strip()[:LABEL_MAX]
+    return value or None
+
+
+def request_model(body: bytes, content_type: str) -> tuple[str | None, bool]:
+    """(model, stream) from a JSON request body; (None, False) when it is not JSON or lacks them."""
+    if not body or ("json" not in content_type.lower() and not body.lstrip().startswith(b"{")):
+        return None, False
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, False
+    if not isinstance(obj, dict):
+        return None, False
+    model = obj.get("model")
+    return (model[:200] if isinstance(model, str) and model else None), obj.get("stream") is True
+
+
+@dataclass
+class Pending:
+    """One request in flight."""
+
+    started: float
+    method: str
+    path: str  # upstream path without query
+    model: str | None = None
+    account: str | None = None
+    user: str | None = None
+    mode: str | None = None
+    client: str | None = None
+    session_id: str | None = None
+    local_error: str | None = None  # set when the proxy answered itself (e.g. authentication_error)
+    local_message: str | None = None
+    streamed: bool = False
+    tap: StreamTap | None = None
+    facts: ResponseFacts = field(default_factory=ResponseFacts)
+
+
+def finish(
+    p: Pending,
+    *,
+    pricer: Pricer,
+    status: int | None,
+    request_id: str | None,
+    headers_at: float | None,
+    ended_at: float,
+    error: str | None = None,
+    error_message: str | None = None,
+) -> dict[str, Any]:
+    """The row for a finished request. `error` is the transport-level failure, if any (client_disconnect...)."""
+    f = p.facts
+    usage = f.usage
+    model = p.model or f.model
+    priced = pricer.price(f.model or p.model, usage, datetime.fromtimestamp(p.started, UTC), p.path)
+
+    err = p.local_error or error or f.error_type
+    if err is None and status is not None and status >= 400:
+        err = f"http_{status}"
+    if err is None and p.streamed and not f.completed:
+        err = "incomplete_stream"  # the upstream closed cleanly but never sent message_stop
+    if err is None and p.tap is not None and p.tap.failed:
+        err = "usage_unreadable"
+    message = p.local_message or f.error_message or error_message
+
+    if p.streamed:
+        ttft_at = f.first_byte_at
+    else:
+        ttft_at = headers_at
+    row: dict[str, Any] = {
+        "ts": iso_ms(p.started),
+        "account": p.account,
+        "user": p.user,
+        "mode": p.mode,
+        "method": p.method,
+        "path": p.path,
+        "model": model,
+        "stream": int(p.streamed),
+        "status": status,
+        "request_id": request_id,
+        "message_id": f.message_id,
+        "latency_ms": round((ended_at - p.started) * 1000, 3),
+        "ttft_ms": None if ttft_at is None else round((ttft_at - p.started) * 1000, 3),
+        "completed": int(err is None and (f.completed or not p.streamed) and status is not None and status < 400),
+        "error": err,
+        "error_message": message[:500] if message else None,
+        "stop_reason": f.stop_reason,
+        "client": p.client,
+        "session_id": p.session_id,
+        "usage_json": json.dumps(f.raw_usage, separators=(",", ":")) if f.raw_usage is not None else None,
+        **priced.columns(),
+    }
+    if usage is not None:
+        row.update(
+            input_tokens=usage.total("input_tokens"),
+            output_tokens=usage.total("output_tokens"),
+            cache_creation_input_tokens=usage.total("cache_creation_input_tokens"),
+            cache_read_input_tokens=usage.total("cache_read_input_tokens"),
+            cache_creation_5m_input_tokens=usage.total("cache_creation_5m_input_tokens"),
+            cache_creation_1h_input_tokens=usage.total("cache_creation_1h_input_tokens"),
+            web_search_requests=usage.web_search_requests,
+            web_fetch_requests=usage.web_fetch_requests,
+            service_tier=usage.service_tier,
+            inference_geo=usage.inference_geo,
+            speed=usage.speed,
+            iterations=usage.iterations,
+        )
+    return row

@@ -1,0 +1,249 @@
+"""The SQLite file: schema and migrations, and the writer thread that owns the connection.
+
+mitmproxy's hooks run on its event loop, so they only `put()` a finished row on a queue. One thread drains
+the queue in batches, one transaction per batch, in WAL mode. If the database cannot be written (locked by
+another process, disk full, read-only), rows wait in a bounded in-memory backlog and are retried; past the
+bound the oldest are dropped and counted, and that is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+log = logging.getLogger(__name__)
+
+# The `requests` table is a public contract: people query it directly. Add columns; never rename or repurpose.
+COLUMNS: dict[str, type] = {
+    "id": int,
+    "ts": str,  # request start, UTC ISO 8601 with milliseconds and Z
+    "account": str,
+    "user": str,
+    "mode": str,  # managed | passthrough
+    "method": str,
+    "path": str,  # upstream path, without query
+    "model": str,
+    "stream": int,
+    "status": int,  # HTTP status sent to the client
+    "request_id": str,  # upstream request-id header
+    "message_id": str,
+    "input_tokens": int,
+    "output_tokens": int,
+    "cache_creation_input_tokens": int,
+    "cache_read_input_tokens": int,
+    "cache_creation_5m_input_tokens": int,
+    "cache_creation_1h_input_tokens": int,
+    "web_search_requests": int,
+    "web_fetch_requests": int,
+    "service_tier": str,
+    "inference_geo": str,
+    "speed": str,
+    "iterations": int,  # number of usage.iterations entries billed, when present
+    "cost_usd": float,
+    "cost_input_usd": float,
+    "cost_output_usd": float,
+    "cost_cache_write_usd": float,
+    "cost_cache_read_usd": float,
+    "cost_tools_usd": float,
+    "price_source": str,
+    "latency_ms": float,
+    "ttft_ms": float,
+    "completed": int,
+    "error": str,
+    "error_message": str,
+    "stop_reason": str,
+    "client": str,
+    "session_id": str,
+    "usage_json": str,  # the raw usage object as received (for audits and repricing; holds no secrets)
+}
+INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
+_INSERT_SQL = f"INSERT INTO requests ({', '.join(f'[{c}]' for c in INSERT_COLUMNS)}) VALUES ({', '.join('?' * len(INSERT_COLUMNS))})"
+
+
+# --- migrations: small functions, applied in order, recorded by name ---------------------------------
+
+
+def _m001_requests(db: sqlite_utils.Database) -> None:
+    db["requests"].create(COLUMNS, pk="id", not_null={"ts"})  # type: ignore[union-attr]
+    for cols in (["ts"], ["account", "ts"], ["user", "ts"], ["model", "ts"]):
+        db["requests"].create_index(cols)  # type: ignore[union-attr]
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_requests]
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), timeout=10, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def migrate(path: Path) -> None:
+    """Create or upgrade the schema. Runs at start-up, before the proxy serves."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = connect(path)
+    try:
+        db = sqlite_utils.Database(conn)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS _metrion_migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
+            done = {r[0] for r in conn.execute("SELECT name FROM _metrion_migrations")}
+            for m in MIGRATIONS:
+                if m.__name__ not in done:
+                    m(db)
+                    conn.execute(
+                        "INSERT INTO _metrion_migrations VALUES (?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
+                        (m.__name__,),
+                    )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+
+
+# --- the writer --------------------------------------------------------------------------------------
+
+_STOP = object()
+
+
+class Store:
+    """Owns the writes. `put()` is cheap and never blocks; `close()` flushes what is pending."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        batch_size: int = 1000,
+        max_backlog: int = 100_000,
+        flush_interval: float = 0.05,
+        on_written: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.batch_size = batch_size
+        self.max_backlog = max_backlog
+        self.flush_interval = flush_interval
+        self.on_written = on_written
+        self.written = 0
+        self.dropped = 0
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._backlog: deque[dict[str, Any]] = deque()
+        self._thread = threading.Thread(target=self._run, name="metrion-writer", daemon=True)
+        self._failing_since: float | None = None
+        self._stop_seen = False
+
+    def start(self) -> None:
+        migrate(self.path)
+        self._thread.start()
+
+    def put(self, row: dict[str, Any]) -> None:
+        self._queue.put(row)
+
+    def pending(self) -> int:
+        return self._queue.qsize() + len(self._backlog)
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Stop the writer after it has written everything it can within `timeout` seconds."""
+        if not self._thread.is_alive():
+            return
+        self._queue.put(_STOP)
+        self._thread.join(timeout)
+        left = self.pending()
+        if left:
+            log.error("metrion: %d request rows could not be written to %s before shutdown", left, self.path)
+
+    # -- thread side --------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        conn: sqlite3.Connection | None = None
+        stopping = False
+        while True:
+            self._drain(block=not self._backlog and not stopping)
+            stopping = stopping or self._stop_seen
+            if self._backlog:
+                try:
+                    if conn is None:
+                        conn = connect(self.path)
+                    self._write(conn)
+                except sqlite3.Error as e:
+                    self._failed(e)
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                    if stopping and self._failing_since and time.monotonic() - self._failing_since > 5:
+                        break
+                    time.sleep(0.2 if not stopping else 0.05)
+                    continue
+            if stopping and not self._backlog and self._queue.empty():
+                break
+        if conn is not None:
+            conn.close()
+
+    def _drain(self, block: bool) -> None:
+        """Move queued rows to the backlog (bounded), waiting briefly for the first one when idle."""
+        try:
+            item = self._queue.get(timeout=self.flush_interval * 20) if block else self._queue.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is _STOP:
+                self._stop_seen = True
+            else:
+                self._backlog.append(item)
+                if len(self._backlog) > self.max_backlog:
+                    self._backlog.popleft()
+                    self.dropped += 1
+                    if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                        log.error(
+                            "metrion: database unwritable and backlog full: %d request rows dropped so far",
+                            self.dropped,
+                        )
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def _write(self, conn: sqlite3.Connection) -> None:
+        while self._backlog:
+            batch = [self._backlog[i] for i in range(min(self.batch_size, len(self._backlog)))]
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(_INSERT_SQL, [tuple(r.get(c) for c in INSERT_COLUMNS) for r in batch])
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            for _ in batch:
+                self._backlog.popleft()
+            self.written += len(batch)
+            if self._failing_since is not None:
+                log.warning("metrion: database writable again; %d rows were waiting", len(batch))
+                self._failing_since = None
+            if self.on_written is not None:
+                try:
+                    self.on_written(batch)
+                except Exception:  # noqa: BLE001
+                    log.exception("metrion: on_written callback failed")
+
+    def _failed(self, e: sqlite3.Error) -> None:
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            log.error(
+                "metrion: cannot write to %s (%s); keeping up to %d rows in memory and retrying",
+                self.path,
+                e,
+                self.max_backlog,
+            )

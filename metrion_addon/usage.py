@@ -1,0 +1,233 @@
+"""Usage facts from Anthropic responses: JSON bodies and SSE streams alike. Nothing here prices anything.
+
+Streams: `message_start` carries the initial usage (its output_tokens is a placeholder); every `message_delta`
+carries *cumulative* counts that replace the earlier ones (never add). So the raw usage object is kept and
+updated key by key, and turned into billed numbers once, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from metrion_addon.sse import SSEParser, incremental_decoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    """Token counts of one sampling step (the whole request, or one entry of `usage.iterations`)."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_creation_5m_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    model: str | None = None  # an iteration entry may name its own model
+
+    @property
+    def cache_creation_input_tokens(self) -> int:
+        return self.cache_creation_5m_input_tokens + self.cache_creation_1h_input_tokens
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Everything sent to the model: the figure long-context tiers are measured on."""
+        return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Billed usage of one request. `parts` has one entry, or one per `usage.iterations` entry."""
+
+    parts: tuple[TokenCounts, ...]
+    web_search_requests: int = 0
+    web_fetch_requests: int = 0
+    service_tier: str | None = None
+    inference_geo: str | None = None
+    speed: str | None = None
+
+    def total(self, name: str) -> int:
+        return sum(getattr(p, name) for p in self.parts)
+
+    @property
+    def iterations(self) -> int | None:
+        return len(self.parts) if len(self.parts) > 1 or self.parts[0].model else None
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _counts(raw: dict[str, Any], model: str | None = None) -> TokenCounts:
+    total_write = _int(raw.get("cache_creation_input_tokens"))
+    split = raw.get("cache_creation")
+    if isinstance(split, dict) and ("ephemeral_5m_input_tokens" in split or "ephemeral_1h_input_tokens" in split):
+        w1h = _int(split.get("ephemeral_1h_input_tokens"))
+        # The split is authoritative; if it is partial, the rest of the total is a 5-minute write.
+        w5m = _int(split.get("ephemeral_5m_input_tokens")) if "ephemeral_5m_input_tokens" in split else 0
+        w5m = max(w5m, total_write - w1h)
+    else:
+        w5m, w1h = total_write, 0  # no split: the whole write is a 5-minute write
+    return TokenCounts(
+        input_tokens=_int(raw.get("input_tokens")),
+        output_tokens=_int(raw.get("output_tokens")),
+        cache_creation_5m_input_tokens=w5m,
+        cache_creation_1h_input_tokens=w1h,
+        cache_read_input_tokens=_int(raw.get("cache_read_input_tokens")),
+        model=model,
+    )
+
+
+def usage_from_raw(raw: dict[str, Any]) -> Usage:
+    """An Anthropic `usage` object (as merged from a body or a stream) -> billed Usage."""
+    iterations = raw.get("iterations")
+    parts: tuple[TokenCounts, ...]
+    if isinstance(iterations, list) and any(isinstance(i, dict) for i in iterations):
+        # Compaction and server-side loops: the billed usage is the sum of the entries, each at its own model.
+        parts = tuple(_counts(i, _str(i.get("model"))) for i in iterations if isinstance(i, dict))
+    else:
+        parts = (_counts(raw),)
+    tools = raw.get("server_tool_use")
+    tools = tools if isinstance(tools, dict) else {}
+    return Usage(
+        parts=parts,
+        web_search_requests=_int(tools.get("web_search_requests")),
+        web_fetch_requests=_int(tools.get("web_fetch_requests")),
+        service_tier=_str(raw.get("service_tier")),
+        inference_geo=_str(raw.get("inference_geo")),
+        speed=_str(raw.get("speed")),
+    )
+
+
+@dataclass
+class ResponseFacts:
+    """What one response told us. Filled from a JSON body or event by event from a stream."""
+
+    raw_usage: dict[str, Any] | None = None
+    message_id: str | None = None
+    model: str | None = None
+    stop_reason: str | None = None
+    completed: bool = False
+    error_type: str | None = None
+    error_message: str | None = None
+    events: int = 0
+    parse_errors: int = 0
+    first_byte_at: float | None = None
+
+    @property
+    def usage(self) -> Usage | None:
+        return None if self.raw_usage is None else usage_from_raw(self.raw_usage)
+
+    def _merge_usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            if self.raw_usage is None:
+                self.raw_usage = {}
+            self.raw_usage.update(usage)  # cumulative values replace; nested objects replace whole
+
+    def _error(self, obj: Any) -> None:
+        err = obj.get("error") if isinstance(obj, dict) else None
+        if isinstance(err, dict):
+            self.error_type = _str(err.get("type")) or "error"
+            msg = err.get("message")
+            self.error_message = msg[:500] if isinstance(msg, str) else None
+        else:
+            self.error_type = "error"
+
+    # -- JSON bodies -------------------------------------------------------------------------------
+
+    def from_json_body(self, body: bytes) -> None:
+        try:
+            obj = json.loads(body)
+        except (ValueError, RecursionError):
+            self.parse_errors += 1
+            return
+        if not isinstance(obj, dict):
+            self.parse_errors += 1
+            return
+        kind = obj.get("type")
+        if kind == "error":
+            self._error(obj)
+            return
+        if kind == "message":
+            self.message_id = _str(obj.get("id"))
+            self.model = _str(obj.get("model"))
+            self.stop_reason = _str(obj.get("stop_reason"))
+            self._merge_usage(obj.get("usage"))
+        self.completed = True
+
+    # -- SSE events --------------------------------------------------------------------------------
+
+    _INTERESTING = frozenset({"message_start", "message_delta", "message_stop", "error", "message"})
+
+    def on_event(self, event: str, data: bytes) -> None:
+        self.events += 1
+        if event not in self._INTERESTING:
+            return  # content deltas and pings: not parsed at all
+        try:
+            obj = json.loads(data)
+        except (ValueError, RecursionError):
+            self.parse_errors += 1
+            return
+        if not isinstance(obj, dict):
+            self.parse_errors += 1
+            return
+        kind = obj.get("type") if event == "message" else event
+        if kind == "message_start":
+            msg = obj.get("message")
+            if isinstance(msg, dict):
+                self.message_id = _str(msg.get("id"))
+                self.model = _str(msg.get("model"))
+                self._merge_usage(msg.get("usage"))
+        elif kind == "message_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict) and _str(delta.get("stop_reason")):
+                self.stop_reason = delta["stop_reason"]
+            self._merge_usage(obj.get("usage"))
+        elif kind == "message_stop":
+            self.completed = True
+        elif kind == "error":
+            self._error(obj)
+
+
+class StreamTap:
+    """The `flow.response.stream` callable: returns every chunk unchanged, at once, and reads usage on the side.
+
+    It never raises (mitmproxy would silently drop the chunk): any failure switches reading off and the bytes
+    keep flowing. Content-encoded streams are decoded incrementally for reading only.
+    """
+
+    __slots__ = ("facts", "_decode", "_parser", "failed")
+
+    def __init__(self, facts: ResponseFacts, content_encoding: str | None) -> None:
+        self.facts = facts
+        self._decode = incremental_decoder(content_encoding)
+        self._parser = SSEParser()
+        self.failed: str | None = None if self._decode else f"unsupported content-encoding {content_encoding!r}"
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if chunk and self.facts.first_byte_at is None:
+            self.facts.first_byte_at = time.time()
+        if self.failed is None:
+            try:
+                self._read(chunk)
+            except Exception as e:  # noqa: BLE001 - reading must never break the stream
+                self.failed = f"{e.__class__.__name__}: {e}"[:200]
+                log.warning("metrion: stopped reading a stream's usage: %s", self.failed)
+        return chunk
+
+    def _read(self, chunk: bytes) -> None:
+        assert self._decode is not None
+        data = self._decode(chunk)
+        events = self._parser.feed(data) if data else []
+        if not chunk:  # clean end of stream
+            events += self._parser.close()
+        for event, payload in events:
+            self.facts.on_event(event, payload)
