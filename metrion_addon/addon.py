@@ -8,7 +8,7 @@ import time
 
 from mitmproxy import ctx, exceptions, http
 
-from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, AuthError, Authenticator, error_body
+from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
 from metrion_addon.config import Config, ConfigError, load_config
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending, clean_label, finish, iso_ms, request_model, upstream_path
@@ -68,7 +68,10 @@ class Metrion:
         self.auth = Authenticator(config.accounts)
         self.pricer = Pricer(config.price_overrides)
         log.info(
-            "metrion: %d account(s) from %s, recording to %s", len(config.accounts), config.path, config.database
+            "metrion: %d account(s) from %s, recording to %s",
+            len(config.accounts),
+            config.path,
+            config.database,
         )
 
     def done(self) -> None:

@@ -275,9 +275,7 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
         if "anthropic_api_key" in acc and acc["anthropic_api_key"].value is not None:
             key = _expand_env(ctx, acc["anthropic_api_key"], f"{where}.anthropic_api_key", env)
         passthrough = (
-            ctx.boolean(acc["allow_passthrough"], f"{where}.allow_passthrough")
-            if "allow_passthrough" in acc
-            else True
+            ctx.boolean(acc["allow_passthrough"], f"{where}.allow_passthrough") if "allow_passthrough" in acc else True
         )
         if key is None and not passthrough:
             raise ctx.fail(

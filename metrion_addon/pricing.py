@@ -130,7 +130,12 @@ class Pricer:
         self._warned: set[str] = set()
 
     def rates(
-        self, model: str, ts: datetime, prompt_tokens: int, service_tier: str | None = None, speed: str | None = None
+        self,
+        model: str,
+        ts: datetime,
+        prompt_tokens: int,
+        service_tier: str | None = None,
+        speed: str | None = None,
     ) -> Rates | None:
         for o in self._overrides:
             if model.startswith(o.prefix):

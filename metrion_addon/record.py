@@ -98,10 +98,7 @@ def finish(
         err = "usage_unreadable"
     message = p.local_message or f.error_message or error_message
 
-    if p.streamed:
-        ttft_at = f.first_byte_at
-    else:
-        ttft_at = headers_at
+    ttft_at = f.first_byte_at if p.streamed else headers_at
     row: dict[str, Any] = {
         "ts": iso_ms(p.started),
         "account": p.account,

@@ -66,7 +66,9 @@ COLUMNS: dict[str, type] = {
     "usage_json": str,  # the raw usage object as received (for audits and repricing; holds no secrets)
 }
 INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
-_INSERT_SQL = f"INSERT INTO requests ({', '.join(f'[{c}]' for c in INSERT_COLUMNS)}) VALUES ({', '.join('?' * len(INSERT_COLUMNS))})"
+_INSERT_SQL = "INSERT INTO requests ({}) VALUES ({})".format(
+    ", ".join(f"[{c}]" for c in INSERT_COLUMNS), ", ".join("?" * len(INSERT_COLUMNS))
+)
 
 
 # --- migrations: small functions, applied in order, recorded by name ---------------------------------
