@@ -11,52 +11,64 @@ from __future__ import annotations
 import re
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 _EOL = re.compile(rb"\r\n|\r|\n")
 MAX_LINE = 32 * 1024 * 1024  # a line longer than this is not an SSE stream we can follow
+_BOM = b"\xef\xbb\xbf"
 
 
 class SSEParser:
     """Feed bytes, get back complete events as (event_type, data_bytes)."""
 
-    __slots__ = ("_buf", "_event", "_data", "_skip_lf", "broken")
+    __slots__ = ("_buf", "_event", "_data", "_skip_lf", "_started", "broken")
 
     def __init__(self) -> None:
-        self._buf = b""
+        self._buf = bytearray()  # the unterminated tail of the current line (never holds an end of line)
         self._event = ""
         self._data: list[bytes] = []
         self._skip_lf = False
+        self._started = False
         self.broken = False
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
         if self.broken or not chunk:
             return []
-        buf = self._buf + chunk if self._buf else chunk
+        if not self._started:  # a UTF-8 BOM may open the stream (it may itself be split across chunks)
+            self._buf += chunk
+            if len(self._buf) < 3 and _BOM.startswith(bytes(self._buf)):
+                return []
+            chunk = bytes(self._buf[3:] if self._buf.startswith(_BOM) else self._buf)
+            self._buf.clear()
+            self._started = True
         start = 0
         if self._skip_lf:
             self._skip_lf = False
-            if buf[:1] == b"\n":
+            if chunk[:1] == b"\n":
                 start = 1
         events: list[tuple[str, bytes]] = []
-        n = len(buf)
-        for m in _EOL.finditer(buf, start):
-            line = buf[start : m.start()]
+        # Only the new chunk is scanned: the buffered tail holds no end of line, so parsing stays linear.
+        for m in _EOL.finditer(chunk, start):
+            line = chunk[start : m.start()]
+            if self._buf:
+                line = bytes(self._buf) + line
+                self._buf.clear()
             start = m.end()
-            if start == n and m.group() == b"\r":
+            if start == len(chunk) and m.group() == b"\r":
                 self._skip_lf = True  # the LF of a CRLF may open the next chunk
             self._line(line, events)
-        self._buf = buf[start:]
+        self._buf += chunk[start:]
         if len(self._buf) > MAX_LINE:
             self.broken = True
-            self._buf = b""
+            self._buf.clear()
         return events
 
     def close(self) -> list[tuple[str, bytes]]:
         """End of stream: a final line without terminator counts; an undispatched event is dropped (per spec)."""
         events: list[tuple[str, bytes]] = []
         if self._buf and not self.broken:
-            self._line(self._buf, events)
-        self._buf = b""
+            self._line(bytes(self._buf), events)
+        self._buf.clear()
         return events
 
     def _line(self, line: bytes, events: list[tuple[str, bytes]]) -> None:
@@ -85,17 +97,55 @@ def incremental_decoder(content_encoding: str | None) -> Callable[[bytes], bytes
     enc = (content_encoding or "identity").strip().lower()
     if enc in ("identity", ""):
         return lambda b: b
-    if enc in ("gzip", "x-gzip", "deflate"):
-        d = zlib.decompressobj(wbits=47)  # 32 + 15: accepts both gzip and zlib framing
-        return lambda b: d.decompress(b) if b else d.flush()
+    if enc in ("gzip", "x-gzip"):
+        return _Frames(lambda: zlib.decompressobj(wbits=47))  # 32 + 15: gzip or zlib framing
+    if enc == "deflate":
+        return _Deflate()
     if enc == "br":
         import brotli
 
         bd = brotli.Decompressor()
         return lambda b: bd.process(b) if b else b""
     if enc == "zstd":
-        import zstandard
-
-        zd = zstandard.ZstdDecompressor().decompressobj()
-        return lambda b: zd.decompress(b) if b else b""
+        try:  # the same zstd module mitmproxy uses: the stdlib from 3.14, else its backport
+            from compression import zstd  # type: ignore[import-not-found]
+        except ImportError:
+            from backports import zstd  # type: ignore[import-not-found,no-redef]
+        return _Frames(zstd.ZstdDecompressor)
     return None
+
+
+class _Frames:
+    """Decode concatenated frames (zstd) or members (gzip): each ends its decompressor, the next starts anew."""
+
+    def __init__(self, new: Callable[[], Any]) -> None:
+        self._new = new
+        self._d = new()
+
+    def __call__(self, b: bytes) -> bytes:
+        out: list[bytes] = []
+        while b:
+            out.append(self._d.decompress(b))
+            if not self._d.eof:
+                break
+            b, self._d = self._d.unused_data, self._new()
+        return b"".join(out)
+
+
+class _Deflate:
+    """HTTP 'deflate' is meant to be zlib-wrapped, but raw deflate is common: detect it from the first bytes."""
+
+    def __init__(self) -> None:
+        self._d: zlib._Decompress | None = None
+        self._head = b""
+
+    def __call__(self, b: bytes) -> bytes:
+        if self._d is None:
+            self._head += b
+            if len(self._head) < 2 and b:
+                return b""
+            h = self._head
+            zlib_framed = len(h) >= 2 and h[0] & 0x0F == 8 and (h[0] << 8 | h[1]) % 31 == 0
+            self._d = zlib.decompressobj(wbits=15 if zlib_framed else -15)
+            b, self._head = h, b""
+        return self._d.decompress(b) if b else self._d.flush()

@@ -44,6 +44,7 @@ class Usage:
     """Billed usage of one request. `parts` has one entry, or one per `usage.iterations` entry."""
 
     parts: tuple[TokenCounts, ...]
+    from_iterations: bool = False  # parts come from `usage.iterations`, not the top-level counts
     web_search_requests: int = 0
     web_fetch_requests: int = 0
     service_tier: str | None = None
@@ -55,7 +56,7 @@ class Usage:
 
     @property
     def iterations(self) -> int | None:
-        return len(self.parts) if len(self.parts) > 1 or self.parts[0].model else None
+        return len(self.parts) if self.from_iterations else None
 
 
 def _int(value: Any) -> int:
@@ -89,16 +90,15 @@ def _counts(raw: dict[str, Any], model: str | None = None) -> TokenCounts:
 def usage_from_raw(raw: dict[str, Any]) -> Usage:
     """An Anthropic `usage` object (as merged from a body or a stream) -> billed Usage."""
     iterations = raw.get("iterations")
-    parts: tuple[TokenCounts, ...]
-    if isinstance(iterations, list) and any(isinstance(i, dict) for i in iterations):
-        # Compaction and server-side loops: the billed usage is the sum of the entries, each at its own model.
-        parts = tuple(_counts(i, _str(i.get("model"))) for i in iterations if isinstance(i, dict))
-    else:
-        parts = (_counts(raw),)
+    entries = [i for i in iterations if isinstance(i, dict)] if isinstance(iterations, list) else []
+    # Compaction and server-side loops: the billed usage is the sum of the entries, each at its own model
+    # (a `compaction` entry's tokens are not in the top-level counts, so those cannot be used instead).
+    parts = tuple(_counts(i, _str(i.get("model"))) for i in entries) or (_counts(raw),)
     tools = raw.get("server_tool_use")
     tools = tools if isinstance(tools, dict) else {}
     return Usage(
         parts=parts,
+        from_iterations=bool(entries),
         web_search_requests=_int(tools.get("web_search_requests")),
         web_fetch_requests=_int(tools.get("web_fetch_requests")),
         service_tier=_str(raw.get("service_tier")),
@@ -127,10 +127,15 @@ class ResponseFacts:
         return None if self.raw_usage is None else usage_from_raw(self.raw_usage)
 
     def _merge_usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            if self.raw_usage is None:
-                self.raw_usage = {}
-            self.raw_usage.update(usage)  # cumulative values replace; nested objects replace whole
+        if not isinstance(usage, dict):
+            return
+        if self.raw_usage is None:
+            self.raw_usage = {}
+        for key, value in usage.items():
+            # Cumulative values replace (never add); nested objects replace whole. A null in a message_delta
+            # means "not reported here" (the SDKs keep the earlier value), so it never erases one.
+            if value is not None or key not in self.raw_usage:
+                self.raw_usage[key] = value
 
     def _error(self, obj: Any) -> None:
         err = obj.get("error") if isinstance(obj, dict) else None
@@ -174,10 +179,11 @@ class ResponseFacts:
         try:
             obj = json.loads(data)
         except (ValueError, RecursionError):
-            self.parse_errors += 1
-            return
+            obj = None
         if not isinstance(obj, dict):
             self.parse_errors += 1
+            if event == "error":
+                self.error_type = "error"  # an unreadable error event is still an error
             return
         kind = obj.get("type") if event == "message" else event
         if kind == "message_start":
@@ -208,9 +214,15 @@ class StreamTap:
 
     def __init__(self, facts: ResponseFacts, content_encoding: str | None) -> None:
         self.facts = facts
-        self._decode = incremental_decoder(content_encoding)
         self._parser = SSEParser()
-        self.failed: str | None = None if self._decode else f"unsupported content-encoding {content_encoding!r}"
+        self.failed: str | None = None
+        try:  # never raise from here either: the hook that builds the tap must still stream the bytes
+            self._decode = incremental_decoder(content_encoding)
+        except Exception as e:  # noqa: BLE001 - e.g. a decompression module missing
+            self._decode = None
+            self.failed = f"{e.__class__.__name__}: {e}"[:200]
+        if self._decode is None and self.failed is None:
+            self.failed = f"unsupported content-encoding {content_encoding!r}"
 
     def __call__(self, chunk: bytes) -> bytes:
         if chunk and self.facts.first_byte_at is None:
