@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
+
+from metrion_addon.budget import PERIODS, AccountBudgets, BudgetSettings, Limit
 
 TOKEN_PREFIX = "sk-metrion-"
 _SHA256_RE = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
@@ -57,6 +60,7 @@ class Config:
     database: Path = Path("metrion.db")
     accounts: tuple[Account, ...] = ()
     price_overrides: tuple[PriceOverride, ...] = ()
+    budgets: BudgetSettings = field(default_factory=BudgetSettings)
 
 
 def hash_token(token: str) -> bytes:
@@ -200,10 +204,56 @@ def _token_hash(ctx: _Ctx, node: _Node, where: str) -> bytes:
 
 # --- the loader -------------------------------------------------------------------------------------
 
-_TOP_KEYS = ("upstream", "listen_host", "listen_port", "path_prefix", "database", "accounts", "pricing")
-_ACCOUNT_KEYS = ("name", "tokens", "anthropic_api_key", "allow_passthrough")
+_TOP_KEYS = (
+    "upstream",
+    "listen_host",
+    "listen_port",
+    "path_prefix",
+    "database",
+    "accounts",
+    "pricing",
+    "budget_timezone",
+    "block_unknown_models",
+)
+_ACCOUNT_KEYS = ("name", "tokens", "anthropic_api_key", "allow_passthrough", "budget", "user_budget", "user_budgets")
+_LIMIT_KEYS = ("usd", "enforce")
 _PRICING_KEYS = ("overrides",)
 _OVERRIDE_KEYS = ("prefix", *_PRICE_FIELDS)
+
+
+def _limits(ctx: _Ctx, node: _Node, where: str) -> tuple[Limit, ...]:
+    """{daily: 50, monthly: {usd: 1000, enforce: soft}}: a number is a hard limit in USD."""
+    limits = []
+    for period, lim_node in ctx.mapping(node, where, PERIODS).items():
+        lw = f"{where}.{period}"
+        if isinstance(lim_node.value, dict):
+            lim = ctx.mapping(lim_node, lw, _LIMIT_KEYS)
+            if "usd" not in lim:
+                raise ctx.fail(f"{lw}.usd", lim_node, "required")
+            usd = ctx.price(lim["usd"], f"{lw}.usd")
+            enforce = ctx.string(lim["enforce"], f"{lw}.enforce") if "enforce" in lim else "hard"
+            if enforce not in ("hard", "soft"):
+                raise ctx.fail(f"{lw}.enforce", lim["enforce"], "must be 'hard' (block) or 'soft' (warn)")
+        else:
+            usd, enforce = ctx.price(lim_node, lw), "hard"
+        limits.append(Limit(period=period, usd=float(usd), hard=enforce == "hard"))
+    return tuple(limits)
+
+
+def _account_budgets(ctx: _Ctx, acc: dict[str, _Node], where: str) -> AccountBudgets | None:
+    if not any(k in acc for k in ("budget", "user_budget", "user_budgets")):
+        return None
+    users: dict[str, tuple[Limit, ...]] = {}
+    if "user_budgets" in acc:
+        node = acc["user_budgets"]
+        if not isinstance(node.value, dict):
+            raise ctx.fail(f"{where}.user_budgets", node, "must be a mapping of user label -> limits")
+        users = {u: _limits(ctx, n, f"{where}.user_budgets.{u}") for u, n in node.value.items()}
+    return AccountBudgets(
+        account=_limits(ctx, acc["budget"], f"{where}.budget") if "budget" in acc else (),
+        user_default=_limits(ctx, acc["user_budget"], f"{where}.user_budget") if "user_budget" in acc else (),
+        users=users,
+    )
 
 
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
@@ -248,6 +298,7 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
     if "accounts" not in top:
         raise ConfigError(f"{path}: field 'accounts': required (a list of accounts with tokens)")
     accounts: list[Account] = []
+    budgets: dict[str, AccountBudgets] = {}
     seen_tokens: dict[bytes, str] = {}
     seen_names: set[str] = set()
     for i, acc_node in enumerate(ctx.sequence(top["accounts"], "accounts")):
@@ -282,9 +333,22 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
                 where, acc_node, "needs anthropic_api_key (managed mode) or allow_passthrough: true, or both"
             )
         accounts.append(Account(name, tuple(hashes), key, passthrough))
+        spec = _account_budgets(ctx, acc, where)
+        if spec is not None:
+            budgets[name] = spec
     if not accounts:
         raise ctx.fail("accounts", top["accounts"], "must hold at least one account")
     kw["accounts"] = tuple(accounts)
+
+    tz = "UTC"
+    if "budget_timezone" in top:
+        tz = ctx.string(top["budget_timezone"], "budget_timezone")
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ctx.fail("budget_timezone", top["budget_timezone"], f"unknown time zone {tz!r}") from None
+    block = ctx.boolean(top["block_unknown_models"], "block_unknown_models") if "block_unknown_models" in top else False
+    kw["budgets"] = BudgetSettings(timezone=tz, block_unknown_models=block, accounts=budgets)
 
     if "pricing" in top:
         pricing = ctx.mapping(top["pricing"], "pricing", _PRICING_KEYS)
