@@ -16,7 +16,7 @@ from decimal import Decimal
 from importlib.metadata import version
 
 from genai_prices import data_snapshot
-from genai_prices.types import ModelInfo, TieredPrices
+from genai_prices.types import ModelInfo, ModelPrice, TieredPrices
 
 from metrion_addon.config import PriceOverride
 from metrion_addon.usage import TokenCounts, Usage
@@ -116,11 +116,15 @@ def _tiered(price: Decimal | TieredPrices | None, prompt_tokens: int) -> Decimal
     return rate
 
 
-def _variant_applies(info: ModelInfo, ts: datetime, key: str, value: str) -> bool:
-    return any(
-        v.when.get(key) == value and (v.constraint is None or v.constraint.active(ts))
-        for v in info.price_variants or ()
-    )
+def _variant(info: ModelInfo, ts: datetime, key: str, value: str) -> ModelPrice | None:
+    """The prices of the model's variant selected by exactly {key: value}, if one is in force at `ts`."""
+    for v in info.price_variants or ():
+        if v.when == {key: value} and (v.constraint is None or v.constraint.active(ts)):
+            return v.prices
+    return None
+
+
+_KEYS = ("input_mtok", "output_mtok", "cache_write_mtok", "cache_write_1h_mtok", "cache_read_mtok")
 
 
 class Pricer:
@@ -149,6 +153,7 @@ class Pricer:
                         o.web_search_per_1000 if o.web_search_per_1000 is not None else WEB_SEARCH_PER_1000
                     ),
                     source=f"override:{o.prefix}",
+                    flags=("fast-priced-as-standard",) if speed == "fast" else (),
                 )
         return self._genai_rates(model, ts, prompt_tokens, service_tier, speed)
 
@@ -159,26 +164,24 @@ class Pricer:
             _, info = data_snapshot.get_snapshot().find_provider_model(model, None, "anthropic", None)
         except LookupError:
             return None
-        context: dict[str, str] = {}
         flags: list[str] = []
-        batch_included = False
-        if service_tier == "batch" and _variant_applies(info, ts, "processing", "batch"):
-            context["processing"] = "batch"
-            batch_included = True
+        fast = speed == "fast" and _variant(info, ts, "speed", "fast") is not None
         if speed == "fast":
-            if _variant_applies(info, ts, "speed", "fast"):
-                context["speed"] = "fast"
-            else:
-                flags.append("fast-priced-as-standard")
-        mp = info.get_prices(ts, context or None)
-        inp = _tiered(mp.input_mtok, prompt_tokens)
-        out = _tiered(mp.output_mtok, prompt_tokens)
+            flags.append("fast" if fast else "fast-priced-as-standard")
+        std = info.get_prices(ts, {"speed": "fast"} if fast else None)
+        # Batch: the data's own batch rates where it has them (it may, from a date on); else 50% of standard.
+        batch = service_tier == "batch"
+        batch_prices = _variant(info, ts, "processing", "batch") if batch and not fast else None
+        r: dict[str, Decimal | None] = {}
+        for key in _KEYS:
+            own = getattr(batch_prices, key) if batch_prices is not None else None
+            rate = _tiered(own if own is not None else getattr(std, key), prompt_tokens)
+            r[key] = rate * BATCH if rate is not None and batch and own is None else rate
+        inp, out = r["input_mtok"], r["output_mtok"]
         if inp is None or out is None:
             return None
-        w5 = _tiered(mp.cache_write_mtok, prompt_tokens)
-        w1 = _tiered(mp.cache_write_1h_mtok, prompt_tokens)
-        rd = _tiered(mp.cache_read_mtok, prompt_tokens)
-        ws = mp.web_searches_kcount
+        w5, w1, rd = r["cache_write_mtok"], r["cache_write_1h_mtok"], r["cache_read_mtok"]
+        ws = std.web_searches_kcount
         return Rates(
             input=inp,
             output=out,
@@ -187,7 +190,7 @@ class Pricer:
             cache_read=rd if rd is not None else inp * READ,
             web_search_per_1000=ws if isinstance(ws, Decimal) else WEB_SEARCH_PER_1000,
             source=f"{GENAI_PRICES}:{info.id}",
-            batch_included=batch_included,
+            batch_included=batch,
             flags=tuple(flags),
         )
 
@@ -213,7 +216,8 @@ class Pricer:
             total = total + self._token_cost(part, rates, usage, part_model)
             if rates.source not in sources:
                 sources.append(rates.source)
-            flags += [f for f in rates.flags if f not in flags]
+            geo = ("us-geo-1.1x",) if _us_geo(usage, part_model) else ()
+            flags += [f for f in (*rates.flags, *geo) if f not in flags]
         assert tool_rates is not None
         tools = usage.web_search_requests * tool_rates.web_search_per_1000 / 1000  # no batch or geo multiplier
         total = total + Cost(Decimal(0), Decimal(0), Decimal(0), Decimal(0), tools)
@@ -221,8 +225,6 @@ class Pricer:
             flags.append("batch")
         if usage.service_tier == "priority":
             flags.append("priority-priced-as-standard")  # no public priority price exists
-        if _us_geo(usage, model):
-            flags.append("us-geo-1.1x")
         source = ";".join(sources) + "".join(f"+{f}" for f in flags)
         return Priced(total, source)
 
