@@ -94,8 +94,8 @@ def finish(
         err = f"http_{status}"
     if err is None and p.streamed and not f.completed:
         err = "incomplete_stream"  # the upstream closed cleanly but never sent message_stop
-    if err is None and p.tap is not None and p.tap.failed:
-        err = "usage_unreadable"
+    if err is None and ((p.tap is not None and p.tap.failed) or f.parse_errors):
+        err = "usage_unreadable"  # forwarded as is, but part of the response could not be read: usage may be short
     message = p.local_message or f.error_message or error_message
 
     ttft_at = f.first_byte_at if p.streamed else headers_at

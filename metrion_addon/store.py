@@ -66,6 +66,22 @@ COLUMNS: dict[str, type] = {
     "usage_json": str,  # the raw usage object as received (for audits and repricing; holds no secrets)
 }
 INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
+_INT64 = range(-(2**63), 2**63)
+
+
+def _cell(value: Any) -> Any:
+    """A value SQLite accepts. Garbage from upstream (a 40-digit token count, a list) must not poison a batch."""
+    if value is None or isinstance(value, str | float | bytes):
+        return value
+    if isinstance(value, int):
+        return value if value in _INT64 else None
+    return str(value)
+
+
+def _params(row: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(_cell(row.get(c)) for c in INSERT_COLUMNS)
+
+
 _INSERT_SQL = "INSERT INTO requests ({}) VALUES ({})".format(
     ", ".join(f"[{c}]" for c in INSERT_COLUMNS), ", ".join("?" * len(INSERT_COLUMNS))
 )
@@ -179,7 +195,7 @@ class Store:
                     if conn is None:
                         conn = connect(self.path)
                     self._write(conn)
-                except sqlite3.Error as e:
+                except Exception as e:  # noqa: BLE001 - the writer thread must outlive any one failure
                     self._failed(e)
                     if conn is not None:
                         conn.close()
@@ -222,7 +238,7 @@ class Store:
             batch = [self._backlog[i] for i in range(min(self.batch_size, len(self._backlog)))]
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_INSERT_SQL, [tuple(r.get(c) for c in INSERT_COLUMNS) for r in batch])
+                conn.executemany(_INSERT_SQL, [_params(r) for r in batch])
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -240,7 +256,7 @@ class Store:
                 except Exception:  # noqa: BLE001
                     log.exception("metrion: on_written callback failed")
 
-    def _failed(self, e: sqlite3.Error) -> None:
+    def _failed(self, e: Exception) -> None:
         if self._failing_since is None:
             self._failing_since = time.monotonic()
             log.error(

@@ -160,3 +160,46 @@ def proxy(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Itera
     p = start_proxy(tmp_path_factory.mktemp("proxy"), fake.url)
     yield p
     stop_proxy(p)
+
+
+# --- helpers for fault, load and security tests ------------------------------------------------------
+
+
+def proc_fds(pid: int) -> int:
+    """Open file descriptors of a process (Linux)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def proc_rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+@dataclass
+class FakeProcess:
+    """The fake upstream in its own process: keeps the test process's cores free for clients (load tests)."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
+def start_fake_process() -> FakeProcess:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fake_upstream.py"), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    wait_port(port, proc)
+    return FakeProcess(url=f"http://127.0.0.1:{port}", proc=proc)

@@ -16,11 +16,12 @@ import gzip
 import itertools
 import json
 import socket
+import struct
 import threading
 import time
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -64,6 +65,7 @@ class Scenario:
     error_after: int | None = None  # SSE: send `event: error` (overloaded) after this many events
     delay: float = 0.0  # seconds before the response headers
     repeat_usage_in_delta: bool = True  # message_delta repeats input/cache/server-tool fields (cumulative)
+    reset_after: int | None = None  # SSE: reset the connection (TCP RST) after this many events
 
 
 @dataclass
@@ -189,9 +191,7 @@ class _Compressor:
 
             self._c = brotli.Compressor()
         elif encoding == "zstd":
-            import zstandard
-
-            self._c = zstandard.ZstdCompressor().compressobj()
+            self._c = _zstd_compressor()
         else:
             self._c = None
 
@@ -202,9 +202,7 @@ class _Compressor:
             return self._c.compress(data) + self._c.flush(zlib.Z_SYNC_FLUSH)
         if self.encoding == "br":
             return self._c.process(data) + self._c.flush()
-        import zstandard
-
-        return self._c.compress(data) + self._c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+        return self._c.compress(data) + self._c.flush(_ZSTD_FLUSH_BLOCK)
 
     def end(self) -> bytes:
         if self._c is None:
@@ -214,6 +212,27 @@ class _Compressor:
         if self.encoding == "br":
             return self._c.finish()
         return self._c.flush()
+
+
+try:  # `zstandard` if installed, else the zstd module mitmproxy itself uses (3.14 stdlib API)
+    import zstandard
+
+    _ZSTD_FLUSH_BLOCK = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+
+    def _zstd_compressor() -> Any:
+        return zstandard.ZstdCompressor().compressobj()
+
+except ImportError:
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        from backports import zstd  # type: ignore[import-not-found,no-redef]
+
+    _ZSTD_FLUSH_BLOCK = zstd.ZstdCompressor.FLUSH_BLOCK
+
+    def _zstd_compressor() -> Any:
+        c = zstd.ZstdCompressor()
+        return type("C", (), {"compress": lambda _, d: c.compress(d), "flush": lambda _, m=c.FLUSH_FRAME: c.flush(m)})()
 
 
 def compress_whole(data: bytes, encoding: str | None) -> bytes:
@@ -260,6 +279,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             req = {}
         sc = self.fake.scenarios.get(self.headers.get("x-fake-scenario", ""), Scenario())
+        if self.headers.get("x-fake-usage"):  # "input,output": per-request token counts (load tests)
+            tin, _, tout = self.headers["x-fake-usage"].partition(",")
+            sc = replace(sc, usage={**sc.usage, "input_tokens": int(tin), "output_tokens": int(tout)})
         if sc.delay:
             time.sleep(sc.delay)
         model = sc.model or (req.get("model") if isinstance(req.get("model"), str) else None) or "claude-sonnet-5-5"
@@ -329,6 +351,8 @@ class _Handler(BaseHTTPRequestHandler):
             for i, (name, data) in enumerate(events):
                 if sc.cut_after is not None and i >= sc.cut_after:
                     raise _Cut
+                if sc.reset_after is not None and i >= sc.reset_after:
+                    raise _Reset
                 if sc.error_after is not None and i == sc.error_after:
                     yield encode_event(
                         "error",
@@ -363,6 +387,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
+        except _Reset:
+            self.wfile.flush()
+            self.close_connection = True
+            # SO_LINGER with a zero timeout: close() sends a TCP RST instead of a FIN.
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.connection.close()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
@@ -370,6 +400,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Cut(Exception):
+    pass
+
+
+class _Reset(Exception):
     pass
 
 
