@@ -1,0 +1,207 @@
+"""`metrion-reprice`: recompute the cost columns of stored rows after a price change or a new override.
+
+Each row keeps the raw usage object (`usage_json`), its `model`, `ts` and `path`: the price is recomputed from
+those with the same code the proxy uses (`usage_from_raw` + `Pricer`), at the row's own timestamp, and all
+updates are written in one transaction. Rows without usage (errors before any usage, count_tokens) have
+nothing to reprice and are left as they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from metrion_addon.config import ConfigError, PriceOverride, load_config
+from metrion_addon.pricing import Pricer
+from metrion_addon.record import iso_ms
+from metrion_addon.store import connect
+from metrion_addon.usage import usage_from_raw
+
+COST_COLUMNS = (
+    "cost_usd",
+    "cost_input_usd",
+    "cost_output_usd",
+    "cost_cache_write_usd",
+    "cost_cache_read_usd",
+    "cost_tools_usd",
+    "price_source",
+)
+_UPDATE_SQL = "UPDATE requests SET {} WHERE id = ?".format(", ".join(f"[{c}] = ?" for c in COST_COLUMNS))
+
+
+class _NoSecrets(dict[str, str]):
+    """Repricing reads only the price overrides: account secrets in the config are never looked up."""
+
+    def get(self, key: str, default: Any = None) -> str:  # type: ignore[override]
+        return "unused-by-metrion-reprice"
+
+
+def load_overrides(config_path: str | None) -> tuple[tuple[PriceOverride, ...], Path | None]:
+    """(price overrides, database path) from a config file; nothing without one."""
+    if not config_path:
+        return (), None
+    config = load_config(config_path, env=_NoSecrets())
+    return config.price_overrides, config.database
+
+
+def bound(value: str) -> str:
+    """A --since/--until value (a date, or an ISO 8601 time; naive means UTC) in the `ts` column's format."""
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {value!r}") from None
+    dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
+    return iso_ms(dt.timestamp())
+
+
+@dataclass
+class ModelDiff:
+    rows: int = 0
+    changed: int = 0
+    old_usd: float = 0.0
+    new_usd: float = 0.0
+    old_unknown: int = 0
+    new_unknown: int = 0
+
+
+def reprice_rows(
+    rows: Iterable[sqlite3.Row], pricer: Pricer
+) -> tuple[list[tuple[Any, ...]], dict[str | None, ModelDiff]]:
+    """(UPDATE parameters for the rows whose cost changed, per-model old/new summary)."""
+    updates: list[tuple[Any, ...]] = []
+    diffs: dict[str | None, ModelDiff] = {}
+    for row in rows:
+        usage = usage_from_raw(json.loads(row["usage_json"]))
+        ts = datetime.fromisoformat(row["ts"])
+        new = pricer.price(row["model"], usage, ts, row["path"] or "/v1/messages").columns()
+        old = {c: row[c] for c in COST_COLUMNS}
+        d = diffs.setdefault(row["model"], ModelDiff())
+        d.rows += 1
+        for cost, attr in ((old["cost_usd"], "old"), (new["cost_usd"], "new")):
+            if cost is None:
+                setattr(d, f"{attr}_unknown", getattr(d, f"{attr}_unknown") + 1)
+            else:
+                setattr(d, f"{attr}_usd", getattr(d, f"{attr}_usd") + cost)
+        if not _same(old, new):
+            d.changed += 1
+            updates.append((*(new[c] for c in COST_COLUMNS), row["id"]))
+    return updates, diffs
+
+
+def _same(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    for c in COST_COLUMNS:
+        a, b = old[c], new[c]
+        if isinstance(a, float) and isinstance(b, float):
+            if abs(a - b) > 1e-12:
+                return False
+        elif a != b:
+            return False
+    return True
+
+
+def reprice(
+    db: Path, pricer: Pricer, since: str | None = None, until: str | None = None, dry_run: bool = False
+) -> dict[str | None, ModelDiff]:
+    """Reprice the rows with usage in [since, until) in one transaction (rolled back when dry_run)."""
+    where, params = ["usage_json IS NOT NULL"], []
+    if since:
+        where.append("ts >= ?")
+        params.append(since)
+    if until:
+        where.append("ts < ?")
+        params.append(until)
+    cols = ", ".join(f"[{c}]" for c in ("id", "ts", "model", "path", "usage_json", *COST_COLUMNS))
+    conn = connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        conn.execute("BEGIN IMMEDIATE")  # read and write under one lock: the writer thread waits, nothing is lost
+        try:
+            rows = conn.execute(f"SELECT {cols} FROM requests WHERE {' AND '.join(where)} ORDER BY id", params)
+            updates, diffs = reprice_rows(rows, pricer)
+            if not dry_run:
+                conn.executemany(_UPDATE_SQL, updates)
+            conn.execute("ROLLBACK" if dry_run else "COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+    finally:
+        conn.close()
+    return diffs
+
+
+def render(diffs: dict[str | None, ModelDiff], dry_run: bool) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="metrion-reprice" + (" (dry run: nothing written)" if dry_run else ""))
+    for name in ("model", "rows", "changed", "old USD", "new USD", "difference USD"):
+        table.add_column(name, justify="left" if name == "model" else "right")
+
+    def usd(value: float, unknown: int) -> str:
+        return f"{value:.6f}" + (f" (+{unknown} unknown)" if unknown else "")
+
+    total = ModelDiff()
+    for model, d in sorted(diffs.items(), key=lambda kv: kv[0] or ""):
+        table.add_row(
+            model or "<none>",
+            str(d.rows),
+            str(d.changed),
+            usd(d.old_usd, d.old_unknown),
+            usd(d.new_usd, d.new_unknown),
+            f"{d.new_usd - d.old_usd:+.6f}",
+        )
+        for f in ("rows", "changed", "old_usd", "new_usd", "old_unknown", "new_unknown"):
+            setattr(total, f, getattr(total, f) + getattr(d, f))
+    table.add_section()
+    table.add_row(
+        "total",
+        str(total.rows),
+        str(total.changed),
+        usd(total.old_usd, total.old_unknown),
+        usd(total.new_usd, total.new_unknown),
+        f"{total.new_usd - total.old_usd:+.6f}",
+    )
+    Console(width=140).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="metrion-reprice",
+        description="Recompute cost columns and price_source of stored rows (after a price change or new override).",
+    )
+    ap.add_argument("--db", type=Path, help="the metrion SQLite file (default: the config's database)")
+    ap.add_argument("--config", help="the metrion YAML config whose pricing.overrides to apply")
+    ap.add_argument("--since", type=bound, help="only rows at or after this UTC date/time (ISO 8601)")
+    ap.add_argument("--until", type=bound, help="only rows before this UTC date/time (ISO 8601)")
+    ap.add_argument("--dry-run", action="store_true", help="show per-model old vs new cost; write nothing")
+    args = ap.parse_args(argv)
+    try:
+        overrides, config_db = load_overrides(args.config)
+    except ConfigError as e:
+        print(f"metrion-reprice: {e}", file=sys.stderr)
+        return 2
+    db = args.db or config_db
+    if db is None:
+        ap.error("give --db (or --config, to use its database)")
+    if not db.exists():
+        print(f"metrion-reprice: {db}: no such database", file=sys.stderr)
+        return 2
+    try:
+        diffs = reprice(db, Pricer(overrides), args.since, args.until, args.dry_run)
+    except sqlite3.Error as e:
+        print(f"metrion-reprice: {db}: {e}", file=sys.stderr)
+        return 1
+    render(diffs, args.dry_run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
