@@ -87,6 +87,33 @@ class Check:
     remaining: float | None  # of the tightest budget that applies; None when none applies
 
 
+def file_clock(path: str) -> Callable[[], float]:
+    """For tests: the time is read from a file (epoch seconds) when it exists, else the real clock."""
+    if not path:
+        return time.time
+
+    def clock() -> float:
+        try:
+            with open(path) as f:
+                return float(f.read())
+        except (OSError, ValueError):
+            return time.time()
+
+    return clock
+
+
+def response_headers(check: Check) -> dict[str, str]:
+    """What every proxied response tells the client about its budgets."""
+    headers: dict[str, str] = {}
+    if check.remaining is not None:
+        headers["x-metrion-budget-remaining-usd"] = f"{check.remaining:.6f}"
+    if check.warnings:
+        headers["x-metrion-budget-warning"] = "; ".join(
+            f"{s.name} of ${s.limit.usd:,.2f} reached (soft limit)" for s in check.warnings
+        )
+    return headers
+
+
 class Budgets:
     def __init__(self, settings: BudgetSettings, clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
