@@ -380,7 +380,7 @@ def test_chart_includes_empty_periods(capsys: pytest.CaptureFixture[str], db: Pa
     ]
     assert [r["period"] for r in as_json(capsys, db, "chart", "--limit", "2")["rows"]] == ["2026-11-05", "2026-11-06"]
     code, out, _ = run(capsys, "chart", "--db", str(db), "--utc")
-    lines = {line.split("│")[1].strip(): line for line in out.splitlines() if line.count("│") > 3}
+    lines = {line.split()[0]: line for line in out.splitlines() if line.strip().startswith("2026-")}
     assert lines["2026-11-01"].count("█") == 40  # the biggest day gets the full bar
     assert lines["2026-11-02"].count("█") == 24  # 0.04826 / 0.07803 * 40 = 24.7
     assert "█" not in lines["2026-11-05"]
