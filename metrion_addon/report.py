@@ -290,30 +290,31 @@ def _isum(column: str) -> str:
     return f"COALESCE(SUM(r.{column}), 0)"
 
 
-# Per-token input rate of a row, derived from its own stored costs (so overrides, tiers, batch and geo
-# multipliers are all respected): from the input cost; else from the cache-read cost (reads are 0.1x input);
-# else from the cache-write cost (5m writes 1.25x, 1h writes 2x input).
+# What caching saved = the cache tokens priced as plain input, minus what they did cost (reads save
+# input - read rate; writes cost write - input rate extra, so it can be negative). The input rate of each row
+# comes from its own stored costs, so overrides, long-context tiers, batch and geo multipliers all count:
+# cost_input_usd / input_tokens. A row with no uncached input takes it from its cache-read cost (reads are 0.1x
+# input), else its cache-write cost (5m writes 1.25x, 1h writes 2x). Two sums, not one CASE per row: the
+# division alone is NULL (ignored) when input_tokens is 0, and the fallback only looks at those rows.
+_CACHE_TOKENS = "(r.cache_read_input_tokens + r.cache_creation_input_tokens)"
 _W5 = "COALESCE(r.cache_creation_5m_input_tokens, 0)"
 _W1 = "COALESCE(r.cache_creation_1h_input_tokens, 0)"
 _WRITE_WEIGHT = (
     f"CASE WHEN {_W5} + {_W1} > 0 THEN 1.25 * {_W5} + 2.0 * {_W1} ELSE 1.25 * r.cache_creation_input_tokens END"
 )
-_INPUT_RATE = (
-    "CASE WHEN r.input_tokens > 0 THEN r.cost_input_usd / r.input_tokens"
-    " WHEN r.cache_read_input_tokens > 0 THEN r.cost_cache_read_usd * 10.0 / r.cache_read_input_tokens"
+_FALLBACK_RATE = (
+    "CASE WHEN r.cache_read_input_tokens > 0 THEN r.cost_cache_read_usd * 10.0 / r.cache_read_input_tokens"
     f" WHEN r.cache_creation_input_tokens > 0 THEN r.cost_cache_write_usd / ({_WRITE_WEIGHT}) END"
 )
-# What caching saved on a row: its cache tokens priced as plain input, minus what they did cost.
-# (Reads save input - read rate; writes cost write - input rate extra; the sum can be negative.)
-_CACHE_SAVED = (
-    f"({_INPUT_RATE}) * (COALESCE(r.cache_read_input_tokens, 0) + COALESCE(r.cache_creation_input_tokens, 0))"
-    " - COALESCE(r.cost_cache_read_usd, 0) - COALESCE(r.cost_cache_write_usd, 0)"
+_CACHE_AS_INPUT = (
+    f"TOTAL(r.cost_input_usd * {_CACHE_TOKENS} / r.input_tokens)"
+    f" + TOTAL(CASE WHEN r.input_tokens = 0 THEN ({_FALLBACK_RATE}) * {_CACHE_TOKENS} END)"
 )
 
 MEASURES: dict[str, str] = {
     "requests": "COUNT(*)",
     "errors": "COUNT(r.error)",
-    "unpriced_requests": "COALESCE(SUM(r.cost_usd IS NULL), 0)",
+    "unpriced_requests": "COUNT(*) - COUNT(r.cost_usd)",
     "input_tokens": _isum("input_tokens"),
     "output_tokens": _isum("output_tokens"),
     "cache_creation_input_tokens": _isum("cache_creation_input_tokens"),
@@ -330,7 +331,7 @@ SUMMARY_MEASURES: dict[str, str] = {
     "cost_cache_write_usd": "TOTAL(r.cost_cache_write_usd)",
     "cost_cache_read_usd": "TOTAL(r.cost_cache_read_usd)",
     "cost_tools_usd": "TOTAL(r.cost_tools_usd)",
-    "cache_saved_usd": f"TOTAL({_CACHE_SAVED})",
+    "cache_as_input_usd": _CACHE_AS_INPUT,  # internal: what the cache tokens would have cost as plain input
 }
 
 
@@ -479,6 +480,9 @@ def view_summary(conn: sqlite3.Connection, opts: Options) -> Report:
     s = sum_rows(periods, list(SUMMARY_MEASURES))
     prompt = s["input_tokens"] + s["cache_creation_input_tokens"] + s["cache_read_input_tokens"]
     s["cache_hit_ratio"] = round(s["cache_read_input_tokens"] / prompt, 6) if prompt else None
+    s["cache_saved_usd"] = round(
+        s["cache_as_input_usd"] - s["cost_cache_read_usd"] - s["cost_cache_write_usd"], _MONEY_DIGITS
+    )
     s["cost_uncached_usd"] = round(s["cost_usd"] + s["cache_saved_usd"], _MONEY_DIGITS)
     summary = {k: s[k] for k in SUMMARY_FIELDS}
 
