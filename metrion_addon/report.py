@@ -335,13 +335,19 @@ SUMMARY_MEASURES: dict[str, str] = {
 }
 
 
+def time_span(conn: sqlite3.Connection, opts: Options) -> tuple[str | None, str | None]:
+    """The first and last `ts` of the filtered rows (two queries: SQLite answers a lone MIN or MAX from the end
+    of an index, but scans for both at once)."""
+    where, params = where_sql(opts.filters)
+    first = conn.execute(f"SELECT MIN(r.ts) FROM requests r{where}", params).fetchone()[0]
+    last = conn.execute(f"SELECT MAX(r.ts) FROM requests r{where}", params).fetchone()[0]
+    return first, last
+
+
 def _load_periods(conn: sqlite3.Connection, opts: Options, period: str) -> list[tuple[str, str, str]]:
     """Fill the temp table of period bounds covering the filtered rows; the outermost bounds are open-ended
     so no row can fall outside every period."""
-    where, params = where_sql(opts.filters)
-    # Two queries: SQLite answers a lone MIN or MAX from the index end, but scans for both at once.
-    first = conn.execute(f"SELECT MIN(r.ts) FROM requests r{where}", params).fetchone()[0]
-    last = conn.execute(f"SELECT MAX(r.ts) FROM requests r{where}", params).fetchone()[0]
+    first, last = time_span(conn, opts)
     periods: list[tuple[str, str, str]] = []
     if first is not None:
         try:
@@ -427,12 +433,13 @@ def _scope(opts: Options) -> str:
     for name, values in (("account", f.accounts), ("user", f.users), ("model", [m + "*" for m in f.models])):
         if values:
             bits.append(f"{name} {' | '.join(values)}")
-    return " · ".join([*bits, "UTC" if opts.utc else "local time"])
+    return " · ".join([*bits, "UTC" if opts.utc else f"local time ({datetime.now().astimezone().tzname()})"])
 
 
-def _chart_table(rows: list[dict[str, Any]], period: str) -> Table:
+def _chart_table(rows: list[dict[str, Any]], period: str, of: int | None = None) -> Table:
     top = max((r["cost_usd"] for r in rows), default=0.0)
-    t = _table(f"Cost per {period}", [period, "", "cost", "requests"], 2)
+    shown = f" (the last {len(rows):,} of {of:,})" if of and of > len(rows) else ""
+    t = _table(f"Cost per {period}{shown}", [period, "", "cost", "requests"], 2)
     t.columns[1].justify = "left"
     for r in rows:
         t.add_row(
@@ -471,7 +478,10 @@ SUMMARY_FIELDS = [
     "cache_hit_ratio",
     "cost_uncached_usd",
     "cache_saved_usd",
+    "first_ts",
+    "last_ts",
 ]
+SUMMARY_CHART_PERIODS = 31  # the summary's chart shows the latest periods; the chart view shows them all
 
 
 def view_summary(conn: sqlite3.Connection, opts: Options) -> Report:
@@ -484,6 +494,7 @@ def view_summary(conn: sqlite3.Connection, opts: Options) -> Report:
         s["cache_as_input_usd"] - s["cost_cache_read_usd"] - s["cost_cache_write_usd"], _MONEY_DIGITS
     )
     s["cost_uncached_usd"] = round(s["cost_usd"] + s["cache_saved_usd"], _MONEY_DIGITS)
+    s["first_ts"], s["last_ts"] = time_span(conn, opts)
     summary = {k: s[k] for k in SUMMARY_FIELDS}
 
     cost = s["cost_usd"]
@@ -507,18 +518,19 @@ def view_summary(conn: sqlite3.Connection, opts: Options) -> Report:
     kinds.add_row("Total", fmt_int(total_tokens), fmt_usd(cost), fmt_pct(1.0) if cost else "", style="bold")
 
     facts = _table("Requests and caching", ["", "value"], 1)
+    if s["first_ts"]:
+        facts.add_row("First request", show_time(s["first_ts"], opts.utc))
+        facts.add_row("Last request", show_time(s["last_ts"], opts.utc))
     facts.add_row("Requests", fmt_int(s["requests"]))
     facts.add_row("Errors", fmt_int(s["errors"]))
     facts.add_row("Unpriced", Text(fmt_int(s["unpriced_requests"]), style="yellow" if s["unpriced_requests"] else ""))
     facts.add_row("Cache hit ratio", fmt_pct(s["cache_hit_ratio"]) or "n/a")
     facts.add_row("Cost without caching", fmt_usd(s["cost_uncached_usd"]))
     facts.add_row("Saved by caching", fmt_usd(s["cache_saved_usd"]))
-    chart = [{"period": r["period"], "requests": r["requests"], "cost_usd": r["cost_usd"]} for r in periods]
-    if opts.limit:
-        chart = chart[-opts.limit :]
+    chart = periods[-(opts.limit or SUMMARY_CHART_PERIODS) :]
     out = [kinds, facts, _unpriced_note(s["unpriced_requests"]), _empty_note(periods)]
     if periods:
-        out.append(_chart_table(chart, opts.period))
+        out.append(_chart_table(chart, opts.period, of=len(periods)))
     return Report("summary", SUMMARY_FIELDS, [summary], None, [o for o in out if o is not None])
 
 
@@ -799,7 +811,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", help="config file to read `database` from (default: ./config.yaml if present)")
     ap.add_argument("--utc", action="store_true", help="show and interpret times in UTC instead of local time")
     ap.add_argument(
-        "--limit", type=int, help="rows for top (default 10); the last N periods for chart and --by periods"
+        "--limit",
+        type=int,
+        help="rows for top (default 10); the last N periods for chart, --by periods and the summary's chart "
+        f"(default {SUMMARY_CHART_PERIODS}); the N most expensive groups for --by",
     )
     ap.add_argument("--period", choices=PERIODS, default="day", help="chart period (default: day)")
     ap.add_argument("--watch", action="store_true", help="live view, refreshed from the database")

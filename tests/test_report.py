@@ -212,6 +212,8 @@ def test_summary_numbers(capsys: pytest.CaptureFixture[str], db: Path) -> None:
             "cache_hit_ratio": round(103000 / (1830 + 13000 + 103000), 6),
             "cost_uncached_usd": 0.42174,
             "cache_saved_usd": 0.26225,  # -0.0075 + 0.27 + 0.0008 + 0.0027 - 0.00375
+            "first_ts": "2026-11-01T10:00:00.000Z",
+            "last_ts": "2026-11-06T13:00:00.000Z",
         }
     ]
 
@@ -225,6 +227,8 @@ def test_summary_terminal_shows_tables_chart_and_unpriced_flag(capsys: pytest.Ca
     assert "1 unpriced request" in out
     assert "Cost per day" in out and "2026-11-05" in out  # the chart, with the empty day shown
     assert "█" in out
+    code, out, _ = run(capsys, "--db", str(db), "--utc", "--limit", "2")
+    assert "Cost per day (the last 2 of 6)" in out and "2026-11-04" not in out
 
 
 def test_by_day_utc(capsys: pytest.CaptureFixture[str], db: Path) -> None:
