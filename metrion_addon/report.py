@@ -535,6 +535,12 @@ def view_summary(conn: sqlite3.Connection, opts: Options) -> Report:
 
 
 BY_MEASURES = [*MEASURES, "cost_share"]
+TOKENS = ["input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"]
+TOKEN_HEADERS = ["input", "output", "cache write", "cache read"]
+
+
+def _cost_cell(row: dict[str, Any]) -> str:
+    return fmt_usd(row["cost_usd"]) + (" +?" if row.get("unpriced_requests") else "")
 
 
 def view_by(conn: sqlite3.Connection, opts: Options) -> Report:
@@ -553,28 +559,22 @@ def view_by(conn: sqlite3.Connection, opts: Options) -> Report:
 
     t = _table(
         f"Cost by {' + '.join(dims)} · {_scope(opts)}",
-        [*dims, "requests", "errors", "input", "output", "cache write", "cache read", "cost", "share"],
+        [*dims, "requests", "errors", *TOKEN_HEADERS, "cost", "share"],
         len(dims),
     )
     for r in shown:
         t.add_row(
             *(str(r[d]) if r[d] is not None else "(none)" for d in dims),
-            fmt_int(r["requests"]),
-            fmt_int(r["errors"]),
-            fmt_int(r["input_tokens"]),
-            fmt_int(r["output_tokens"]),
-            fmt_int(r["cache_creation_input_tokens"]),
-            fmt_int(r["cache_read_input_tokens"]),
-            fmt_usd(r["cost_usd"]) + (" +?" if r["unpriced_requests"] else ""),
+            *(fmt_int(r[k]) for k in ["requests", "errors", *TOKENS]),
+            _cost_cell(r),
             fmt_pct(r["cost_share"]),
         )
     t.add_section()
     t.add_row(
         "Total",
         *[""] * (len(dims) - 1),
-        *(fmt_int(total[k]) for k in list(MEASURES)[:2]),
-        *(fmt_int(total[k]) for k in list(MEASURES)[3:7]),
-        fmt_usd(cost) + (" +?" if total["unpriced_requests"] else ""),
+        *(fmt_int(total[k]) for k in ["requests", "errors", *TOKENS]),
+        _cost_cell(total),
         fmt_pct(total["cost_share"]),
         style="bold",
     )
@@ -610,12 +610,11 @@ def view_top(conn: sqlite3.Connection, opts: Options) -> Report:
     )
     rows = [_money(dict(zip(TOP_FIELDS, row, strict=True))) for row in cur]
     unpriced = conn.execute(f"SELECT {MEASURES['unpriced_requests']} FROM requests r{where}", params).fetchone()[0]
-    tokens = ["input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"]
-    total = sum_rows(rows, [*tokens, "cost_usd"]) | {"requests": len(rows)}
+    total = sum_rows(rows, [*TOKENS, "cost_usd"]) | {"requests": len(rows)}
 
     t = _table(
         f"Top {len(rows)} requests by cost · {_scope(opts)}",
-        ["time", "account", "user", "model", "input", "output", "cache write", "cache read", "cost", "latency"],
+        ["time", "account", "user", "model", *TOKEN_HEADERS, "cost", "latency"],
         4,
     )
     for r in rows:
@@ -624,12 +623,12 @@ def view_top(conn: sqlite3.Connection, opts: Options) -> Report:
             r["account"] or "",
             r["user"] or "",
             r["model"] or "",
-            *(fmt_int(r[k]) for k in tokens),
+            *(fmt_int(r[k]) for k in TOKENS),
             fmt_usd(r["cost_usd"]),
             fmt_ms(r["latency_ms"]),
         )
     t.add_section()
-    t.add_row("Total", "", "", "", *(fmt_int(total[k]) for k in tokens), fmt_usd(total["cost_usd"]), "", style="bold")
+    t.add_row("Total", "", "", "", *(fmt_int(total[k]) for k in TOKENS), fmt_usd(total["cost_usd"]), "", style="bold")
     out = [t, _unpriced_note(unpriced), _empty_note(rows)]
     return Report("top", TOP_FIELDS, rows, total, [o for o in out if o is not None])
 
@@ -652,22 +651,22 @@ def view_errors(conn: sqlite3.Connection, opts: Options) -> Report:
     total = sum_rows(rows, list(ERROR_MEASURES))
     t = _table(
         f"Errors · {_scope(opts)}",
-        ["error", "status", "requests", "input", "output", "cache write", "cache read", "cost"],
+        ["error", "status", "requests", *TOKEN_HEADERS, "cost"],
         1,
     )
     for r in rows:
         t.add_row(
             r["error"],
             "" if r["status"] is None else str(r["status"]),
-            *(fmt_int(r[k]) for k in list(ERROR_MEASURES)[:1] + list(ERROR_MEASURES)[2:6]),
-            fmt_usd(r["cost_usd"]) + (" +?" if r["unpriced_requests"] else ""),
+            *(fmt_int(r[k]) for k in ["requests", *TOKENS]),
+            _cost_cell(r),
         )
     t.add_section()
     t.add_row(
         "Total",
         "",
-        *(fmt_int(total[k]) for k in list(ERROR_MEASURES)[:1] + list(ERROR_MEASURES)[2:6]),
-        fmt_usd(total["cost_usd"]),
+        *(fmt_int(total[k]) for k in ["requests", *TOKENS]),
+        _cost_cell(total),
         style="bold",
     )
     out = [t, _unpriced_note(total["unpriced_requests"], marked=True), _empty_note(rows, "errors")]
