@@ -143,7 +143,7 @@ def main() -> None:
     for key, value in result.items():
         print(f"{key:>14}: {value:,.3f}" if key.endswith("_s") else f"{key:>14}: {value:,.1f}")
     verdict = "ok" if max(result["summary_s"], result["by_day_s"]) < 1.0 else "SLOWER than the 1 s goal"
-    print(f"{"goal < 1 s":>14}: {verdict}")
+    print(f"{'goal < 1 s':>14}: {verdict}")
 
 
 if __name__ == "__main__":
