@@ -17,6 +17,17 @@ from metrion_addon.usage import StreamTap
 
 log = logging.getLogger(__name__)
 
+# Request headers that carry credentials. They are masked on the flow once the request has gone upstream, so
+# that nothing which prints or saves flows later (mitmdump's flow_detail >= 2, `-w`) can show them.
+CREDENTIAL_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "x-metrion-token", "cookie")
+REDACTED = "<redacted by metrion>"
+
+
+def redact_credentials(headers: http.Headers) -> None:
+    for name in CREDENTIAL_HEADERS:
+        if name in headers:
+            headers[name] = REDACTED
+
 
 def classify_error(msg: str, response_started: bool) -> str:
     """mitmproxy's flow.error message -> a short error type for the record."""
@@ -47,6 +58,12 @@ class Metrion:
             "",
             "Path to the metrion YAML config (accounts, tokens, database, price overrides).",
         )
+        loader.add_option(
+            "metrion_max_backlog",
+            int,
+            100_000,
+            "Request rows kept in memory while the database cannot be written; beyond it the oldest are dropped.",
+        )
 
     def configure(self, updated: set[str]) -> None:
         if "metrion_config" not in updated:
@@ -57,7 +74,7 @@ class Metrion:
             config = load_config(ctx.options.metrion_config)
         except ConfigError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from None
-        store = Store(config.database)
+        store = Store(config.database, max_backlog=max(1, ctx.options.metrion_max_backlog))
         try:
             store.start()
         except Exception as e:
@@ -75,6 +92,25 @@ class Metrion:
         )
 
     def done(self) -> None:
+        if self.store is not None and self.pricer is not None and self._pending:
+            # Requests still in flight at shutdown get no response/error hook: record what is known of them.
+            log.warning("metrion: %d request(s) in flight at shutdown, recorded as proxy_shutdown", len(self._pending))
+            for p in self._pending.values():
+                try:
+                    row = finish(
+                        p,
+                        pricer=self.pricer,
+                        status=None,
+                        request_id=None,
+                        headers_at=None,
+                        ended_at=time.time(),
+                        error="proxy_shutdown",
+                    )
+                except Exception:
+                    log.exception("metrion: failed to account a request in flight at shutdown")
+                    continue
+                self.store.put(row)
+            self._pending.clear()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -129,6 +165,7 @@ class Metrion:
             flow.response.stream = True  # not ours to read (e.g. batch results): pass it straight through
 
     def response(self, flow: http.HTTPFlow) -> None:
+        redact_credentials(flow.request.headers)  # the request has been sent (or answered locally)
         p = self._pending.pop(flow.id, None)
         if p is None or flow.response is None:
             return
@@ -150,6 +187,7 @@ class Metrion:
         )
 
     def error(self, flow: http.HTTPFlow) -> None:
+        redact_credentials(flow.request.headers)
         p = self._pending.pop(flow.id, None)
         if p is None:
             return

@@ -8,6 +8,7 @@ bound the oldest are dropped and counted, and that is logged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import sqlite3
@@ -144,7 +145,7 @@ class Store:
         self,
         path: Path,
         *,
-        batch_size: int = 1000,
+        batch_size: int = 100,  # also the most rows one uncommitted transaction holds when the process is killed
         max_backlog: int = 100_000,
         flush_interval: float = 0.05,
         on_written: Callable[[list[dict[str, Any]]], None] | None = None,
@@ -198,7 +199,8 @@ class Store:
                 except Exception as e:  # noqa: BLE001 - the writer thread must outlive any one failure
                     self._failed(e)
                     if conn is not None:
-                        conn.close()
+                        with contextlib.suppress(Exception):
+                            conn.close()
                         conn = None
                     if stopping and self._failing_since and time.monotonic() - self._failing_since > 5:
                         break
@@ -234,6 +236,7 @@ class Store:
                 return
 
     def _write(self, conn: sqlite3.Connection) -> None:
+        waiting = len(self._backlog)
         while self._backlog:
             batch = [self._backlog[i] for i in range(min(self.batch_size, len(self._backlog)))]
             conn.execute("BEGIN IMMEDIATE")
@@ -248,7 +251,13 @@ class Store:
                 self._backlog.popleft()
             self.written += len(batch)
             if self._failing_since is not None:
-                log.warning("metrion: database writable again; %d rows were waiting", len(batch))
+                log.warning(
+                    "metrion: %s writable again after %.0fs: %d waiting request rows written, %d dropped in total",
+                    self.path,
+                    time.monotonic() - self._failing_since,
+                    waiting,
+                    self.dropped,
+                )
                 self._failing_since = None
             if self.on_written is not None:
                 try:

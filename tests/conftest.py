@@ -107,8 +107,10 @@ class Proxy:
         return self.wait_rows("request_id = ?", (request_id,))[0]
 
 
-def start_proxy(tmp: Path, upstream_url: str, extra_config: str = "", extra_args: tuple[str, ...] = ()) -> Proxy:
-    db = tmp / "metrion.db"
+def start_proxy(
+    tmp: Path, upstream_url: str, extra_config: str = "", extra_args: tuple[str, ...] = (), db: Path | None = None
+) -> Proxy:
+    db = db or tmp / "metrion.db"
     cfg = tmp / "config.yaml"
     cfg.write_text(config_text(db, extra_config))
     port = free_port()

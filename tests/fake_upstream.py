@@ -77,6 +77,10 @@ class Received:
     body: bytes
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 1024  # the listen() backlog: it is used in the constructor, so set it on the class
+
+
 class FakeUpstream:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.scenarios: dict[str, Scenario] = {}
@@ -86,9 +90,8 @@ class FakeUpstream:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"fake": self})
-        self.server = ThreadingHTTPServer((host, port), handler)
+        self.server = _Server((host, port), handler)
         self.server.daemon_threads = True
-        self.server.request_queue_size = 1024
         self.port = self.server.server_address[1]
         self.url = f"http://{host}:{self.port}"
         self._thread: threading.Thread | None = None
