@@ -13,9 +13,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import pytest
 
 from metrion_addon import report, store
+from tests.conftest import MANAGED_TOKEN, start_proxy, stop_proxy
+from tests.fake_upstream import FakeUpstream, Scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -694,3 +697,39 @@ def test_console_command_and_script(db: Path) -> None:
         [str(BIN / "metrion-report"), "--db", str(db.parent / "absent.db")], capture_output=True, text=True, timeout=60
     )
     assert missing.returncode == 3 and missing.stdout == "" and "no database at" in missing.stderr
+
+
+# --- end to end: requests through a real proxy, then the command a newcomer runs ----------------------
+
+
+def test_newcomer_flow_through_the_proxy(fake: FakeUpstream, tmp_path: Path) -> None:
+    """A few requests through mitmdump with the addon, then `metrion-report` in the config's directory."""
+    usage = {"input_tokens": 1200, "output_tokens": 300, "cache_creation_input_tokens": 0}
+    fake.add("report-e2e", Scenario(usage=usage | {"cache_read_input_tokens": 50_000}, text="ok"))
+    proxy = start_proxy(tmp_path, fake.url)
+    try:
+        for user in ("alice", "bob", "alice"):
+            c = anthropic.Anthropic(
+                base_url=proxy.url,
+                api_key=MANAGED_TOKEN,
+                max_retries=0,
+                default_headers={"x-metrion-user": user, "x-fake-scenario": "report-e2e"},
+            )
+            c.messages.create(model=SONNET, max_tokens=10, messages=[{"role": "user", "content": "hi"}])
+        rows = proxy.wait_rows("1", n=3)
+    finally:
+        stop_proxy(proxy)
+    cost = round(sum(r["cost_usd"] for r in rows), 10)
+    assert cost > 0 and all(r["price_source"] != "unknown" for r in rows)
+
+    env = {"PATH": "", "COLUMNS": "120", "HOME": str(tmp_path)}  # no METRION_TEST_REAL_KEY: not needed to read
+    cmd = [str(BIN / "metrion-report")]
+    shown = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert report.fmt_usd(cost) in shown.stdout and "Cost per day" in shown.stdout and "█" in shown.stdout
+    by_user = subprocess.run(
+        [*cmd, "--by", "user", "--json"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+    )
+    doc = json.loads(by_user.stdout)
+    assert [(r["user"], r["requests"]) for r in doc["rows"]] == [("alice", 2), ("bob", 1)]
+    assert doc["total"]["cost_usd"] == cost and doc["total"]["cache_read_input_tokens"] == 150_000
