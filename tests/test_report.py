@@ -506,6 +506,12 @@ def test_parse_when_local_and_bad(monkeypatch: pytest.MonkeyPatch) -> None:
         )
         assert all(a[2] == b[1] for a, b in zip(periods, periods[1:], strict=False))
         assert periods[0][1] == "2026-11-01T03:00:00.000Z" and periods[-1][2] == "2026-11-01T10:00:00.000Z"
+        assert ("2026-11-01 01:00", "2026-11-01T05:00:00.000Z", "2026-11-01T07:00:00.000Z") in periods  # 2 hours
+        spring = report.periods_between(
+            datetime(2026, 3, 8, 6, tzinfo=UTC), datetime(2026, 3, 8, 7, tzinfo=UTC), "hour", utc=False
+        )
+        assert [p[0] for p in spring] == ["2026-03-08 01:00", "2026-03-08 03:00"]  # 02:00 does not exist
+        assert spring[0][2] == spring[1][1] == "2026-03-08T07:00:00.000Z"
     finally:
         monkeypatch.delenv("TZ")
         time.tzset()
