@@ -21,13 +21,18 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from rich import box
+
+from metrion_addon.budget import Budgets, BudgetSettings
+
+if TYPE_CHECKING:
+    from metrion_addon.config import Config
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
 from rich.table import Table
@@ -264,6 +269,7 @@ class Options:
     utc: bool = False
     limit: int | None = None
     period: str = "day"
+    budgets: BudgetSettings | None = None  # from the config; only the budgets view needs it
 
 
 def where_sql(f: Filters) -> tuple[str, list[Any]]:
@@ -686,13 +692,73 @@ def view_chart(conn: sqlite3.Connection, opts: Options) -> Report:
     return Report("chart", ["period", *CHART_MEASURES], rows, total, [o for o in out if o is not None])
 
 
+BUDGET_FIELDS = [
+    "account",
+    "user",
+    "period",
+    "enforce",
+    "limit_usd",
+    "spent_usd",
+    "remaining_usd",
+    "exceeded",
+    "period_start",
+    "resets_at",
+]
+
+
+def view_budgets(conn: sqlite3.Connection, opts: Options) -> Report:
+    """Each configured budget in its current period: limit, spent, remaining and when it resets."""
+    if opts.budgets is None or not opts.budgets.any:
+        raise ReportError("no budgets in the config (see budget: / user_budget: in config.example.yaml)", EXIT_USAGE)
+    budgets = Budgets(opts.budgets)
+    budgets.seed(conn)
+    rows = []
+    for s in budgets.status():
+        account, user, is_user = s.scope
+        if opts.filters.accounts and account not in opts.filters.accounts:
+            continue
+        rows.append(
+            {
+                "account": account,
+                "user": (user if user is not None else "(no label)") if is_user else None,
+                "period": s.limit.period,
+                "enforce": "hard" if s.limit.hard else "soft",
+                "limit_usd": s.limit.usd,
+                "spent_usd": round(s.spent, 9),
+                "remaining_usd": round(max(0.0, s.remaining), 9),
+                "exceeded": s.exceeded,
+                "period_start": s.period_start.isoformat(),
+                "resets_at": s.resets_at.isoformat(),
+            }
+        )
+    t = _table(
+        f"Budgets · {opts.budgets.timezone} calendar periods",
+        ["account", "user", "period", "enforce", "limit", "spent", "remaining", "resets"],
+        4,
+    )
+    for r in rows:
+        t.add_row(
+            r["account"],
+            r["user"] or "(whole account)",
+            r["period"],
+            r["enforce"],
+            fmt_usd(r["limit_usd"]),
+            fmt_usd(r["spent_usd"]),
+            Text(fmt_usd(r["remaining_usd"]), style="bold red" if r["exceeded"] else ""),
+            r["resets_at"],
+        )
+    note = Text("Users without a named budget appear once they have spent in the current period.", style="dim")
+    return Report("budgets", BUDGET_FIELDS, rows, None, [t, note])
+
+
 View = Callable[[sqlite3.Connection, Options], Report]
-# The positional VIEW argument. Add a view by adding an entry; "budgets" is reserved for the budgets report.
+# The positional VIEW argument. Add a view by adding an entry.
 VIEWS: dict[str, View] = {
     "summary": view_summary,
     "top": view_top,
     "errors": view_errors,
     "chart": view_chart,
+    "budgets": view_budgets,
 }
 
 
@@ -763,12 +829,10 @@ def check_not_empty(conn: sqlite3.Connection, path: Path) -> None:
         raise ReportError(f"no requests recorded yet in {path}: send a request through the proxy first", EXIT_EMPTY)
 
 
-def resolve_db(db: str | None, config: str | None) -> Path:
-    """--db, else the config's `database` (--config, or ./config.yaml if present), else ./metrion.db."""
-    if db:
-        return Path(db).expanduser()
+def read_config(config: str | None) -> Config | None:
+    """The config (--config, or ./config.yaml if present), read without needing its ${SECRETS}; None if absent."""
     if config is None and not Path("config.yaml").is_file():
-        return Path("metrion.db")
+        return None
     from metrion_addon.config import ConfigError, load_config
 
     class _NoSecrets(dict[str, str]):  # the report needs no secrets: ${VARS} need not be set to read `database`
@@ -776,9 +840,16 @@ def resolve_db(db: str | None, config: str | None) -> Path:
             return "unused-by-metrion-report"
 
     try:
-        return load_config(config or "config.yaml", env=_NoSecrets()).database
+        return load_config(config or "config.yaml", env=_NoSecrets())
     except ConfigError as e:
         raise ReportError(f"config error: {e}", EXIT_USAGE) from None
+
+
+def resolve_db(db: str | None, config: Config | None) -> Path:
+    """--db, else the config's `database`, else ./metrion.db."""
+    if db:
+        return Path(db).expanduser()
+    return config.database if config is not None else Path("metrion.db")
 
 
 # --- command line --------------------------------------------------------------------------------
@@ -880,7 +951,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     try:
         opts = options_from_args(args)
-        path = resolve_db(args.db, args.config)
+        config = read_config(args.config)
+        if args.view == "budgets":
+            opts = replace(opts, budgets=config.budgets if config is not None else None)
+        path = resolve_db(args.db, config)
         console = Console()
         if not console.is_terminal and "COLUMNS" not in os.environ:
             console = Console(width=200)  # piped to a file or pager: no terminal width to fit
@@ -890,7 +964,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         conn = open_db(path)
         try:
-            check_not_empty(conn, path)
+            if args.view != "budgets":
+                check_not_empty(conn, path)
             report = run_view(conn, args.view, opts)
         finally:
             conn.close()

@@ -674,8 +674,8 @@ def test_watch_renders_then_stops_on_ctrl_c(
 
 
 def test_views_registry() -> None:
-    assert list(report.VIEWS) == ["summary", "top", "errors", "chart"]
-    assert "budgets" not in report.DIMENSIONS  # reserved view name, added by the budgets report
+    assert list(report.VIEWS) == ["summary", "top", "errors", "chart", "budgets"]
+    assert "budgets" not in report.DIMENSIONS
 
 
 # --- the installed command and the script --------------------------------------------------------
