@@ -247,6 +247,7 @@ def compress_whole(data: bytes, encoding: str | None) -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in separate writes: no 40 ms Nagle/delayed-ACK stall
     fake: FakeUpstream
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
