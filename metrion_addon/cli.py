@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from metrion_addon.config import ConfigError, load_config
+from metrion_addon.store import migrate
 
 SHIM = Path(__file__).with_name("mitm_script.py")
 
@@ -64,6 +65,14 @@ def proxy_main(argv: list[str] | None = None) -> None:
     if args.check:
         print(f"metrion-proxy: {config.path} is valid ({len(config.accounts)} account(s))")
         return
+    try:  # the database is part of the config: an unusable path is reported here, before the port opens
+        migrate(config.database)
+    except Exception as e:
+        print(
+            f"metrion-proxy: config error: {config.path}: field 'database': cannot open {config.database}: {e}",
+            file=sys.stderr,
+        )
+        sys.exit(2)
     if not _is_loopback(host):
         print(
             f"metrion-proxy: WARNING: listening on {host}, not loopback: anyone who can reach this port and holds "

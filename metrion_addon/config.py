@@ -109,7 +109,10 @@ def _parse_yaml(text: str, source: str) -> _Node | None:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
-    return None if root is None else _convert(root)
+    try:
+        return None if root is None else _convert(root)
+    except ConfigError as e:  # repeated or non-plain keys: name the file like every other message does
+        raise ConfigError(f"{source}: {e}") from None
 
 
 # --- validation helpers -----------------------------------------------------------------------------
