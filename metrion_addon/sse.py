@@ -19,16 +19,22 @@ _BOM = b"\xef\xbb\xbf"
 
 
 class SSEParser:
-    """Feed bytes, get back complete events as (event_type, data_bytes)."""
+    """Feed bytes, get back complete events as (event_type, data_bytes).
 
-    __slots__ = ("_buf", "_event", "_data", "_skip_lf", "_started", "broken")
+    With `wanted`, events of other types are not assembled or returned at all: a stream is mostly
+    content deltas that a meter never needs to look at.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buf", "_event", "_data", "_skip_lf", "_started", "_wanted", "_skip", "broken")
+
+    def __init__(self, wanted: frozenset[str] | None = None) -> None:
         self._buf = bytearray()  # the unterminated tail of the current line (never holds an end of line)
         self._event = ""
         self._data: list[bytes] = []
         self._skip_lf = False
         self._started = False
+        self._wanted = wanted
+        self._skip = False  # the current event's type is not wanted
         self.broken = False
 
     def feed(self, chunk: bytes) -> list[tuple[str, bytes]]:
@@ -47,17 +53,29 @@ class SSEParser:
             if chunk[:1] == b"\n":
                 start = 1
         events: list[tuple[str, bytes]] = []
-        # Only the new chunk is scanned: the buffered tail holds no end of line, so parsing stays linear.
-        for m in _EOL.finditer(chunk, start):
-            line = chunk[start : m.start()]
-            if self._buf:
-                line = bytes(self._buf) + line
+        if b"\r" not in chunk:  # the common case, split at C speed; skipped events cost one check per line
+            lines = chunk[start:].split(b"\n") if start else chunk.split(b"\n")
+            tail = lines.pop()
+            if lines and self._buf:
+                lines[0] = bytes(self._buf) + lines[0]
                 self._buf.clear()
-            start = m.end()
-            if start == len(chunk) and m.group() == b"\r":
-                self._skip_lf = True  # the LF of a CRLF may open the next chunk
-            self._line(line, events)
-        self._buf += chunk[start:]
+            for line in lines:
+                if line and self._skip and line[:4] == b"data":
+                    continue
+                self._line(line, events)
+        else:
+            # Only the new chunk is scanned: the buffered tail holds no end of line, so parsing stays linear.
+            for m in _EOL.finditer(chunk, start):
+                line = chunk[start : m.start()]
+                if self._buf:
+                    line = bytes(self._buf) + line
+                    self._buf.clear()
+                start = m.end()
+                if start == len(chunk) and m.group() == b"\r":
+                    self._skip_lf = True  # the LF of a CRLF may open the next chunk
+                self._line(line, events)
+            tail = chunk[start:]
+        self._buf += tail
         if len(self._buf) > MAX_LINE:
             self.broken = True
             self._buf.clear()
@@ -73,10 +91,13 @@ class SSEParser:
 
     def _line(self, line: bytes, events: list[tuple[str, bytes]]) -> None:
         if not line:
-            if self._data:
-                events.append((self._event or "message", b"\n".join(self._data)))
+            if self._data and not self._skip:
+                event = self._event or "message"
+                if self._wanted is None or event in self._wanted:
+                    events.append((event, b"\n".join(self._data)))
             self._event = ""
             self._data = []
+            self._skip = False
             return
         if line[0] == 0x3A:  # ':' comment
             return
@@ -84,9 +105,11 @@ class SSEParser:
         if colon and value[:1] == b" ":
             value = value[1:]
         if name == b"data":
-            self._data.append(value)
+            if not self._skip:
+                self._data.append(value)
         elif name == b"event":
             self._event = value.decode("utf-8", "replace")
+            self._skip = self._wanted is not None and self._event not in self._wanted
 
 
 def incremental_decoder(content_encoding: str | None) -> Callable[[bytes], bytes] | None:

@@ -170,11 +170,11 @@ class ResponseFacts:
 
     # -- SSE events --------------------------------------------------------------------------------
 
-    _INTERESTING = frozenset({"message_start", "message_delta", "message_stop", "error", "message"})
+    WANTED_EVENTS = frozenset({"message_start", "message_delta", "message_stop", "error", "message"})
 
     def on_event(self, event: str, data: bytes) -> None:
         self.events += 1
-        if event not in self._INTERESTING:
+        if event not in self.WANTED_EVENTS:
             return  # content deltas and pings: not parsed at all
         try:
             obj = json.loads(data)
@@ -214,7 +214,7 @@ class StreamTap:
 
     def __init__(self, facts: ResponseFacts, content_encoding: str | None) -> None:
         self.facts = facts
-        self._parser = SSEParser()
+        self._parser = SSEParser(wanted=ResponseFacts.WANTED_EVENTS)
         self.failed: str | None = None
         try:  # never raise from here either: the hook that builds the tap must still stream the bytes
             self._decode = incremental_decoder(content_encoding)
