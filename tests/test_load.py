@@ -176,9 +176,18 @@ def test_signal_during_load(
         deadline = time.monotonic() + 60
         while len(done.tokens) < 2000 and time.monotonic() < deadline:
             time.sleep(0.05)
+        blocker = None
+        if sig == signal.SIGTERM:  # another writer holds the DB: rows pile up in the proxy's queue
+            blocker = sqlite3.connect(proxy.db, timeout=30)
+            blocker.execute("BEGIN IMMEDIATE")
+            time.sleep(1)
         completed = done.tokens.copy()  # answered completely before the signal
         t0 = time.monotonic()
         proxy.proc.send_signal(sig)
+        if blocker is not None:
+            time.sleep(4)  # longer than mitmproxy takes to shut down
+            blocker.rollback()  # released after the signal: shutdown must wait for it and flush the queue
+            blocker.close()
         proxy.proc.wait(30)
         exit_s = time.monotonic() - t0
     finally:
@@ -200,6 +209,7 @@ def test_signal_during_load(
         )
     if sig == signal.SIGTERM:
         assert lost == []
+        assert any(r[1] is None for r in rows)  # requests cut off in flight are recorded too (proxy_shutdown)
         log = proxy.log.read_text()
         assert "could not be written" not in log
     else:
