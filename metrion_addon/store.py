@@ -136,6 +136,9 @@ def migrate(path: Path) -> None:
 # --- the writer --------------------------------------------------------------------------------------
 
 _STOP = object()
+# Rows per transaction at most. Rows are committed as soon as they arrive, so a killed process loses only
+# the rows of its open transaction and any queued behind it: in practice a handful, at most about this many.
+BATCH_SIZE = 100
 
 
 class Store:
@@ -145,7 +148,7 @@ class Store:
         self,
         path: Path,
         *,
-        batch_size: int = 100,  # also the most rows one uncommitted transaction holds when the process is killed
+        batch_size: int = BATCH_SIZE,
         max_backlog: int = 100_000,
         flush_interval: float = 0.05,
         on_written: Callable[[list[dict[str, Any]]], None] | None = None,
