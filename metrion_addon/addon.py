@@ -9,10 +9,11 @@ import time
 from mitmproxy import ctx, exceptions, http
 
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
+from metrion_addon.budget import Budgets, file_clock, response_headers
 from metrion_addon.config import Config, ConfigError, load_config
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending, clean_label, finish, iso_ms, request_model, upstream_path
-from metrion_addon.store import Store
+from metrion_addon.store import Store, connect
 from metrion_addon.usage import StreamTap
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Metrion:
         self.auth: Authenticator | None = None
         self.pricer: Pricer | None = None
         self.store: Store | None = None
+        self.budgets: Budgets | None = None
         self._pending: dict[str, Pending] = {}
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
@@ -63,6 +65,12 @@ class Metrion:
             int,
             100_000,
             "Request rows kept in memory while the database cannot be written; beyond it the oldest are dropped.",
+        )
+        loader.add_option(
+            "metrion_test_clock",
+            str,
+            "",
+            "Testing only: a file holding the current time (epoch seconds) for budget periods.",
         )
 
     def configure(self, updated: set[str]) -> None:
@@ -79,9 +87,16 @@ class Metrion:
             store.start()
         except Exception as e:
             raise exceptions.OptionsError(f"metrion: cannot open database {config.database}: {e}") from None
+        budgets = Budgets(config.budgets, clock=file_clock(ctx.options.metrion_test_clock))
+        if config.budgets.any:
+            conn = connect(config.database)
+            try:
+                budgets.seed(conn)  # a restart neither forgets nor double-counts this period's spend
+            finally:
+                conn.close()
         if self.store is not None:
             self.store.close()
-        self.config, self.store = config, store
+        self.config, self.store, self.budgets = config, store, budgets
         self.auth = Authenticator(config.accounts)
         self.pricer = Pricer(config.price_overrides)
         log.info(
@@ -137,18 +152,49 @@ class Metrion:
         for name in [n for n in req.headers if n.lower().startswith(METRION_HEADER_PREFIX)]:
             del req.headers[name]
         if isinstance(decision, AuthError):
-            p.local_error, p.local_message = decision.error_type, decision.message
-            flow.response = http.Response.make(
-                decision.status,
-                json.dumps(error_body(decision.error_type, decision.message)),
-                {"content-type": "application/json"},
-            )
+            self._answer(flow, p, decision.status, decision.error_type, decision.message)
             return
         p.account, p.mode = decision.account.name, decision.mode
+        if not self._within_limits(flow, p):
+            return
         for name in decision.remove_headers:
             req.headers.pop(name, None)
         for name, value in decision.set_headers.items():
             req.headers[name] = value
+
+    def _within_limits(self, flow: http.HTTPFlow, p: Pending) -> bool:
+        """Budgets and the unknown-model policy, checked before anything is forwarded."""
+        assert self.config is not None and self.budgets is not None and self.pricer is not None
+        if self.config.budgets.block_unknown_models and p.model and not self.pricer.knows(p.model, p.started):
+            msg = f"model {p.model!r} has no known price, and this metrion proxy refuses unpriced models"
+            self._answer(flow, p, 403, "permission_error", msg, record_as="unknown_model_blocked")
+            return False
+        assert p.account is not None
+        check = self.budgets.check(p.account, p.user)
+        if check.blocked is not None:
+            retry = str(self.budgets.retry_after(check.blocked))
+            msg = check.blocked.message()
+            self._answer(flow, p, 429, "rate_limit_error", msg, record_as="budget_exceeded", retry_after=retry)
+            return False
+        flow.metadata["metrion_budget_headers"] = response_headers(check)
+        return True
+
+    def _answer(
+        self,
+        flow: http.HTTPFlow,
+        p: Pending,
+        status: int,
+        error_type: str,
+        message: str,
+        record_as: str | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        """Answer locally in Anthropic's error shape; the upstream is never contacted."""
+        p.local_error, p.local_message = record_as or error_type, message
+        headers = {"content-type": "application/json"}
+        if retry_after is not None:
+            headers["retry-after"] = retry_after
+        flow.response = http.Response.make(status, json.dumps(error_body(error_type, message)), headers)
 
     # -- response side -----------------------------------------------------------------------------
 
@@ -156,6 +202,7 @@ class Metrion:
         p = self._pending.get(flow.id)
         if p is None or p.local_error is not None or flow.response is None:
             return
+        flow.response.headers.update(flow.metadata.get("metrion_budget_headers", {}))
         ctype = flow.response.headers.get("content-type", "").lower()
         if ctype.startswith("text/event-stream"):
             p.streamed = True
@@ -228,3 +275,5 @@ class Metrion:
                 "error": "metrion_internal_error",
             }
         self.store.put(row)
+        if self.budgets is not None:
+            self.budgets.add(row.get("account"), row.get("user"), row.get("cost_usd"))

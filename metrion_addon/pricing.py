@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from importlib.metadata import version
 
@@ -132,6 +132,10 @@ class Pricer:
         # Longest prefix first, so "claude-opus-4" never prices "claude-opus-4-1-...".
         self._overrides = sorted(overrides, key=lambda o: len(o.prefix), reverse=True)
         self._warned: set[str] = set()
+
+    def knows(self, model: str, ts: float) -> bool:
+        """Whether any source has a price for `model` (for refusing unpriced models up front)."""
+        return self.rates(model, datetime.fromtimestamp(ts, UTC), 0) is not None
 
     def rates(
         self,
