@@ -14,6 +14,16 @@ from metrion_addon.usage import ResponseFacts, StreamTap
 _MESSAGES_RE = re.compile(r"^(?:/v1)?/messages(/.*)?$")
 _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 LABEL_MAX = 200
+# No single response bills anywhere near this many tokens. Larger counts are garbage from a broken upstream:
+# priced, one such response would be a bill of 1e24 USD and exhaust every budget of its account.
+MAX_PLAUSIBLE_TOKENS = 10**10
+_TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_5m_input_tokens",
+    "cache_creation_1h_input_tokens",
+    "cache_read_input_tokens",
+)
 
 
 def iso_ms(epoch: float) -> str:
@@ -86,6 +96,9 @@ def finish(
     """The row for a finished request. `error` is the transport-level failure, if any (client_disconnect...)."""
     f = p.facts
     usage = f.usage
+    implausible = usage is not None and any(usage.total(n) > MAX_PLAUSIBLE_TOKENS for n in _TOKEN_FIELDS)
+    if implausible:
+        usage = None  # kept raw in usage_json for an audit, not priced
     model = p.model or f.model
     priced = pricer.price(f.model or p.model, usage, datetime.fromtimestamp(p.started, UTC), p.path)
 
@@ -94,7 +107,7 @@ def finish(
         err = f"http_{status}"
     if err is None and p.streamed and not f.completed:
         err = "incomplete_stream"  # the upstream closed cleanly but never sent message_stop
-    if err is None and ((p.tap is not None and p.tap.failed) or f.parse_errors):
+    if err is None and ((p.tap is not None and p.tap.failed) or f.parse_errors or implausible):
         err = "usage_unreadable"  # forwarded as is, but part of the response could not be read: usage may be short
     message = p.local_message or f.error_message or error_message
 
