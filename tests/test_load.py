@@ -321,3 +321,18 @@ def test_store_bounded_backlog_unit(
     text = caplog.text
     assert text.count("cannot write to") == 1 and "10 request rows dropped so far" in text
     assert "10 waiting request rows written, 15 dropped in total" in text
+
+
+def test_store_survives_rows_sqlite_cannot_bind(tmp_path: Path) -> None:
+    """A value SQLite cannot store (an int beyond 64 bits, a list) must not kill the writer or its batch."""
+    from metrion_addon.store import Store
+
+    s = Store(tmp_path / "m.db")
+    s.start()
+    s.put({"ts": "t1", "request_id": "odd", "input_tokens": 10**30, "output_tokens": [1], "model": {"x": 1}})
+    s.put({"ts": "t2", "request_id": "next", "input_tokens": 5})
+    s.close()
+    got = sqlite3.connect(tmp_path / "m.db").execute(
+        "SELECT request_id, input_tokens, output_tokens, model FROM requests"
+    )
+    assert sorted(got) == [("next", 5, None, None), ("odd", None, "[1]", "{'x': 1}")]
