@@ -125,6 +125,8 @@ class Metrion:
                     log.exception("metrion: failed to account a request in flight at shutdown")
                     continue
                 self.store.put(row)
+                if self.budgets is not None:
+                    self.budgets.add(row.get("account"), row.get("user"), row.get("cost_usd"))
             self._pending.clear()
         if self.store is not None:
             self.store.close()

@@ -203,6 +203,8 @@ class Pricer:
             return Priced(ZERO, "free:count_tokens")
         if usage is None:
             return Priced(ZERO, "no_usage")
+        if not usage.plausible:
+            return Priced(None, "implausible_usage")  # never a bill from garbage counts
         total = ZERO
         sources: list[str] = []
         flags: list[str] = []

@@ -14,16 +14,6 @@ from metrion_addon.usage import ResponseFacts, StreamTap
 _MESSAGES_RE = re.compile(r"^(?:/v1)?/messages(/.*)?$")
 _CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 LABEL_MAX = 200
-# No single response bills anywhere near this many tokens. Larger counts are garbage from a broken upstream:
-# priced, one such response would be a bill of 1e24 USD and exhaust every budget of its account.
-MAX_PLAUSIBLE_TOKENS = 10**10
-_TOKEN_FIELDS = (
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_5m_input_tokens",
-    "cache_creation_1h_input_tokens",
-    "cache_read_input_tokens",
-)
 
 
 def iso_ms(epoch: float) -> str:
@@ -96,11 +86,11 @@ def finish(
     """The row for a finished request. `error` is the transport-level failure, if any (client_disconnect...)."""
     f = p.facts
     usage = f.usage
-    implausible = usage is not None and any(usage.total(n) > MAX_PLAUSIBLE_TOKENS for n in _TOKEN_FIELDS)
-    if implausible:
-        usage = None  # kept raw in usage_json for an audit, not priced
     model = p.model or f.model
     priced = pricer.price(f.model or p.model, usage, datetime.fromtimestamp(p.started, UTC), p.path)
+    implausible = usage is not None and not usage.plausible
+    if implausible:
+        usage = None  # garbage counts: kept raw in usage_json for an audit, not in the token columns
 
     err = p.local_error or error or f.error_type
     if err is None and status is not None and status >= 400:
@@ -132,6 +122,7 @@ def finish(
         "stop_reason": f.stop_reason,
         "client": p.client,
         "session_id": p.session_id,
+        "response_model": f.model,
         "usage_json": json.dumps(f.raw_usage, separators=(",", ":")) if f.raw_usage is not None else None,
         **priced.columns(),
     }

@@ -80,7 +80,8 @@ def reprice_rows(
     for row in rows:
         usage = usage_from_raw(json.loads(row["usage_json"]))
         ts = datetime.fromisoformat(row["ts"])
-        new = pricer.price(row["model"], usage, ts, row["path"] or "/v1/messages").columns()
+        billed_model = row["response_model"] or row["model"]  # as record.finish priced it
+        new = pricer.price(billed_model, usage, ts, row["path"] or "/v1/messages").columns()
         old = {c: row[c] for c in COST_COLUMNS}
         d = diffs.setdefault(row["model"], ModelDiff())
         d.rows += 1
@@ -117,7 +118,7 @@ def reprice(
     if until:
         where.append("ts < ?")
         params.append(until)
-    cols = ", ".join(f"[{c}]" for c in ("id", "ts", "model", "path", "usage_json", *COST_COLUMNS))
+    cols = ", ".join(f"[{c}]" for c in ("id", "ts", "model", "response_model", "path", "usage_json", *COST_COLUMNS))
     conn = connect(db)
     conn.row_factory = sqlite3.Row
     try:

@@ -24,7 +24,8 @@ import sqlite_utils
 log = logging.getLogger(__name__)
 
 # The `requests` table is a public contract: people query it directly. Add columns; never rename or repurpose.
-COLUMNS: dict[str, type] = {
+# The columns as the first migration created them; later ones are added by later migrations (see MIGRATIONS).
+_V1_COLUMNS: dict[str, type] = {
     "id": int,
     "ts": str,  # request start, UTC ISO 8601 with milliseconds and Z
     "account": str,
@@ -66,6 +67,10 @@ COLUMNS: dict[str, type] = {
     "session_id": str,
     "usage_json": str,  # the raw usage object as received (for audits and repricing; holds no secrets)
 }
+COLUMNS: dict[str, type] = {
+    **_V1_COLUMNS,
+    "response_model": str,  # the model the response named (what was billed; repricing uses it)
+}
 INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
 _INT64 = range(-(2**63), 2**63)
 
@@ -92,12 +97,16 @@ _INSERT_SQL = "INSERT INTO requests ({}) VALUES ({})".format(
 
 
 def _m001_requests(db: sqlite_utils.Database) -> None:
-    db["requests"].create(COLUMNS, pk="id", not_null={"ts"})  # type: ignore[union-attr]
+    db["requests"].create(_V1_COLUMNS, pk="id", not_null={"ts"})  # type: ignore[union-attr]
     for cols in (["ts"], ["account", "ts"], ["user", "ts"], ["model", "ts"]):
         db["requests"].create_index(cols)  # type: ignore[union-attr]
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_requests]
+def _m002_response_model(db: sqlite_utils.Database) -> None:
+    db["requests"].add_column("response_model", str)  # type: ignore[union-attr]
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_requests, _m002_response_model]
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -215,28 +224,36 @@ class Store:
             conn.close()
 
     def _drain(self, block: bool) -> None:
-        """Move queued rows to the backlog (bounded), waiting briefly for the first one when idle."""
+        """Move queued rows to the backlog, waiting briefly for the first one when idle.
+
+        While the database is writable, one batch at a time: the rest waits in the queue. While writes are
+        failing, everything, kept within the bound (the oldest rows beyond it are dropped and counted).
+        """
         try:
             item = self._queue.get(timeout=self.flush_interval * 20) if block else self._queue.get_nowait()
         except queue.Empty:
             return
+        failing = self._failing_since is not None
         while True:
             if item is _STOP:
                 self._stop_seen = True
             else:
                 self._backlog.append(item)
-                if len(self._backlog) > self.max_backlog:
-                    self._backlog.popleft()
-                    self.dropped += 1
-                    if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
-                        log.error(
-                            "metrion: database unwritable and backlog full: %d request rows dropped so far",
-                            self.dropped,
-                        )
+            if failing:
+                self._trim()
+            elif len(self._backlog) >= self.batch_size:
+                return
             try:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
+
+    def _trim(self) -> None:
+        while len(self._backlog) > self.max_backlog:
+            self._backlog.popleft()
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                log.error("metrion: database unwritable and backlog full: %d request rows dropped so far", self.dropped)
 
     def _write(self, conn: sqlite3.Connection) -> None:
         waiting = len(self._backlog)
@@ -269,6 +286,7 @@ class Store:
                     log.exception("metrion: on_written callback failed")
 
     def _failed(self, e: Exception) -> None:
+        self._trim()
         if self._failing_since is None:
             self._failing_since = time.monotonic()
             log.error(

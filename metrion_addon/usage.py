@@ -39,6 +39,18 @@ class TokenCounts:
         return self.input_tokens + self.cache_creation_input_tokens + self.cache_read_input_tokens
 
 
+# No single response bills anywhere near this many tokens. Larger counts are garbage from a broken upstream:
+# priced, one such response would be a bill of 1e24 USD and exhaust every budget of its account.
+MAX_PLAUSIBLE_TOKENS = 10**10
+_TOKEN_FIELDS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_5m_input_tokens",
+    "cache_creation_1h_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
 @dataclass(frozen=True)
 class Usage:
     """Billed usage of one request. `parts` has one entry, or one per `usage.iterations` entry."""
@@ -53,6 +65,11 @@ class Usage:
 
     def total(self, name: str) -> int:
         return sum(getattr(p, name) for p in self.parts)
+
+    @property
+    def plausible(self) -> bool:
+        counts = [self.total(n) for n in _TOKEN_FIELDS] + [self.web_search_requests, self.web_fetch_requests]
+        return max(counts) <= MAX_PLAUSIBLE_TOKENS
 
     @property
     def iterations(self) -> int | None:

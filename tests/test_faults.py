@@ -226,7 +226,8 @@ def test_absurd_usage_values_do_not_stop_the_writer(proxy: Proxy, fake: FakeUpst
     assert r.status_code == 200 and raw == fake.sent[r.headers["request-id"]]
     row = row_for(proxy, "absurd")
     assert (row["status"], row["input_tokens"], row["output_tokens"]) == (200, None, None)
-    assert (row["error"], row["cost_usd"]) == ("usage_unreadable", 0)  # not a 1e24 USD bill
+    # Not a 1e24 USD bill, and not a silent $0 either: unpriced, with the reason named.
+    assert (row["error"], row["cost_usd"], row["price_source"]) == ("usage_unreadable", None, "implausible_usage")
     assert "1000000000000000000000000000000" in row["usage_json"]  # kept for an audit
     r, _ = send(proxy, "after-absurd")  # the writer thread is still alive
     assert row_for(proxy, "after-absurd")["input_tokens"] == 25

@@ -10,8 +10,8 @@ import pytest
 
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending, finish
-from metrion_addon.reprice import main
-from metrion_addon.store import INSERT_COLUMNS, migrate
+from metrion_addon.reprice import main, reprice
+from metrion_addon.store import INSERT_COLUMNS, Store, migrate
 
 TS = datetime(2026, 6, 1, 12, tzinfo=UTC).timestamp()
 DAY = 86400.0
@@ -105,3 +105,19 @@ def test_reprice_errors(tmp_path: Path) -> None:
         main([])
     with pytest.raises(SystemExit):
         main(["--db", "x", "--since", "yesterday"])
+
+
+def test_reprice_uses_the_billed_response_model(tmp_path: Path) -> None:
+    """A row whose request named an alias and whose response named the dated model reprices at the latter."""
+    db = tmp_path / "m.db"
+    store = Store(db)
+    store.start()
+    usage = '{"input_tokens":1000000,"output_tokens":0}'
+    base = {"ts": "2026-11-28T10:00:00.000Z", "path": "/v1/messages", "usage_json": usage, "cost_usd": 0.0}
+    store.put({**base, "model": "my-alias", "response_model": "claude-haiku-4-5-20251001"})
+    store.put({**base, "model": "claude-haiku-4-5", "response_model": None})  # rows from before the column
+    store.close()
+    reprice(db, Pricer())
+    with sqlite3.connect(db) as conn:
+        costs = [r[0] for r in conn.execute("SELECT cost_usd FROM requests ORDER BY id")]
+    assert costs == [1.0, 1.0]  # $1 per MTok input for Haiku 4.5, from the response model / the model
