@@ -107,26 +107,13 @@ class Metrion:
         )
 
     def done(self) -> None:
-        if self.store is not None and self.pricer is not None and self._pending:
+        if self._pending:
             # Requests still in flight at shutdown get no response/error hook: record what is known of them.
             log.warning("metrion: %d request(s) in flight at shutdown, recorded as proxy_shutdown", len(self._pending))
             for p in self._pending.values():
-                try:
-                    row = finish(
-                        p,
-                        pricer=self.pricer,
-                        status=None,
-                        request_id=None,
-                        headers_at=None,
-                        ended_at=time.time(),
-                        error="proxy_shutdown",
-                    )
-                except Exception:
-                    log.exception("metrion: failed to account a request in flight at shutdown")
-                    continue
-                self.store.put(row)
-                if self.budgets is not None:
-                    self.budgets.add(row.get("account"), row.get("user"), row.get("cost_usd"))
+                self._store(
+                    p, status=None, request_id=None, headers_at=None, ended_at=time.time(), error="proxy_shutdown"
+                )
             self._pending.clear()
         if self.store is not None:
             self.store.close()
@@ -147,7 +134,7 @@ class Metrion:
             session_id=clean_label(req.headers.get("x-claude-code-session-id")),
             user=clean_label(req.headers.get(USER_HEADER)),
         )
-        p.model, _ = request_model(req.raw_content or b"", req.headers.get("content-type", ""))
+        p.model = request_model(req.raw_content or b"", req.headers.get("content-type", ""))
         self._pending[flow.id] = p
 
         decision = self.auth.authenticate(req.headers)
@@ -257,10 +244,15 @@ class Metrion:
         )
 
     def _record(self, flow: http.HTTPFlow, p: Pending, **kw) -> None:  # type: ignore[no-untyped-def]
-        assert self.pricer is not None and self.store is not None
+        request_id = flow.response.headers.get("request-id") if flow.response is not None else None
+        self._store(p, request_id=request_id, **kw)
+
+    def _store(self, p: Pending, **kw) -> None:  # type: ignore[no-untyped-def]
+        """Build the row, queue it for the writer, and count its cost toward budgets."""
+        if self.pricer is None or self.store is None:
+            return
         try:
-            request_id = flow.response.headers.get("request-id") if flow.response is not None else None
-            row = finish(p, pricer=self.pricer, request_id=request_id, **kw)
+            row = finish(p, pricer=self.pricer, **kw)
         except Exception:  # never lose the row over a bug in accounting: keep what is certain
             log.exception("metrion: failed to account a request; recording it without usage")
             row = {

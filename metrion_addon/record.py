@@ -34,22 +34,22 @@ def clean_label(value: str | None) -> str | None:
     """A user/agent label as stored: control characters removed, length capped, empty -> None."""
     if value is None:
         return None
-    value = _CTRL_RE.sub("", value).strip()[:LABEL_MAX]
+    if not value.isprintable():  # rare: only then pay for the regex
+        value = _CTRL_RE.sub("", value)
+    value = value.strip()[:LABEL_MAX]
     return value or None
 
 
-def request_model(body: bytes, content_type: str) -> tuple[str | None, bool]:
-    """(model, stream) from a JSON request body; (None, False) when it is not JSON or lacks them."""
+def request_model(body: bytes, content_type: str) -> str | None:
+    """The `model` of a JSON request body; None when it is not JSON or has none."""
     if not body or ("json" not in content_type.lower() and not body.lstrip().startswith(b"{")):
-        return None, False
+        return None
     try:
         obj = json.loads(body)
     except (ValueError, RecursionError):
-        return None, False
-    if not isinstance(obj, dict):
-        return None, False
-    model = obj.get("model")
-    return (model[:200] if isinstance(model, str) and model else None), obj.get("stream") is True
+        return None
+    model = obj.get("model") if isinstance(obj, dict) else None
+    return model[:200] if isinstance(model, str) and model else None
 
 
 @dataclass

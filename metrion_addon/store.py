@@ -145,8 +145,9 @@ def migrate(path: Path) -> None:
 # --- the writer --------------------------------------------------------------------------------------
 
 _STOP = object()
-# Rows per transaction at most. Rows are committed as soon as they arrive, so a killed process loses only
-# the rows of its open transaction and any queued behind it: in practice a handful, at most about this many.
+# Rows per transaction at most. Under light load the writer commits what arrived in the last flush interval
+# (50 ms); under heavy load it commits batches back to back. So a killed process loses the rows of the last
+# 50 ms, or one batch plus whatever is queued behind it: at the loads we test, well under this many.
 BATCH_SIZE = 100
 
 
@@ -174,6 +175,7 @@ class Store:
         self._thread = threading.Thread(target=self._run, name="metrion-writer", daemon=True)
         self._failing_since: float | None = None
         self._stop_seen = False
+        self._closing = threading.Event()  # cuts the writer's pause short at shutdown
 
     def start(self) -> None:
         migrate(self.path)
@@ -190,6 +192,7 @@ class Store:
         if not self._thread.is_alive():
             return
         self._queue.put(_STOP)
+        self._closing.set()
         self._thread.join(timeout)
         left = self.pending()
         if left:
@@ -218,6 +221,10 @@ class Store:
                         break
                     time.sleep(0.2 if not stopping else 0.05)
                     continue
+                if not stopping and self._queue.empty():
+                    # Light load: let rows gather for one flush interval, so they share a transaction
+                    # instead of each paying for a commit (the benchmark measured that cost per request).
+                    self._closing.wait(self.flush_interval)
             if stopping and not self._backlog and self._queue.empty():
                 break
         if conn is not None:
