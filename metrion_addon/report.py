@@ -878,7 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt.add_argument("--json", action="store_true", help="print JSON")
     fmt.add_argument("--csv", action="store_true", help="print CSV")
     ap.add_argument("--db", help="database file (default: from the config, else metrion.db)")
-    ap.add_argument("--config", help="config file to read `database` from (default: ./config.yaml if present)")
+    ap.add_argument("-c", "--config", help="config file to read `database` from (default: ./config.yaml if present)")
     ap.add_argument("--utc", action="store_true", help="show and interpret times in UTC instead of local time")
     ap.add_argument(
         "--limit",

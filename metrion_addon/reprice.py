@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Recompute cost columns and price_source of stored rows (after a price change or new override).",
     )
     ap.add_argument("--db", type=Path, help="the metrion SQLite file (default: the config's database)")
-    ap.add_argument("--config", help="the metrion YAML config whose pricing.overrides to apply")
+    ap.add_argument("-c", "--config", help="the metrion YAML config whose pricing.overrides to apply")
     ap.add_argument("--since", type=bound, help="only rows at or after this UTC date/time (ISO 8601)")
     ap.add_argument("--until", type=bound, help="only rows before this UTC date/time (ISO 8601)")
     ap.add_argument("--dry-run", action="store_true", help="show per-model old vs new cost; write nothing")
