@@ -29,7 +29,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,6 +46,9 @@ SHIM = ROOT / "metrion_addon" / "mitm_script.py"
 UPSTREAM_SCRIPT = ROOT / "scripts" / "bench_upstream.py"
 REPORT_SCRIPT = ROOT / "scripts" / "bench_report.py"
 TOKEN = "sk-metrion-bench-0000000000000000"
+sys.path.insert(0, str(ROOT))
+from tests.netutil import free_port, wait_port  # noqa: E402  (shared with the tests)
+
 NOTES_MARKER = "<!-- notes: everything below this line is hand-written and kept when the script rewrites the file -->"
 
 SLOW_EVENTS = 26  # see bench_upstream.SLOW_DELTAS: 3 + 20 deltas + 3
@@ -82,25 +84,6 @@ TARGETS = {
 
 
 # --- processes ----------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 def mitmdump_bin() -> str:

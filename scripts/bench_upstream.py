@@ -46,12 +46,6 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args()
     fake = FakeUpstream(host="127.0.0.1", port=args.port)
-    # Two fixes to the fake's server for load (not needed by the tests): answer without Nagle (its headers and
-    # body go out in separate writes, which otherwise meet the peer's delayed ACK: +40 ms per request), and
-    # listen with a real backlog (request_queue_size is set after the socket already listens with 5, so bursts
-    # of new connections hit SYN retransmits: +1 s).
-    fake.server.RequestHandlerClass.disable_nagle_algorithm = True  # type: ignore[attr-defined]
-    fake.server.socket.listen(1024)
     for name, sc in scenarios().items():
         fake.add(name, sc)
     fake.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.fake_upstream import FakeUpstream
+from tests.netutil import free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "metrion_addon" / "mitm_script.py"
@@ -29,25 +29,6 @@ HASHED_TOKEN = "sk-metrion-hashed-bbbbbbbbbbbbbbbb"
 PASS_TOKEN = "sk-metrion-pass-cccccccccccccccc"
 NOPASS_TOKEN = "sk-metrion-nopass-dddddddddddddddd"
 SECRETS = (REAL_KEY, CLIENT_KEY, OAUTH_TOKEN, MANAGED_TOKEN, HASHED_TOKEN, PASS_TOKEN, NOPASS_TOKEN)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening on {port}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 def config_text(db: Path, extra: str = "") -> str:
