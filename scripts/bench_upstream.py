@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fake_upstream import FakeUpstream, Scenario  # noqa: E402
+from tests.fake_upstream import FakeUpstream, Scenario, run_until_interrupted  # noqa: E402
 
 SLOW_DELTAS = 20  # slow stream: 26 events, 50 ms apart, ~1.25 s
 FAST_DELTAS = 2000  # fast stream: 2,006 events, no delay
@@ -50,12 +50,7 @@ def main() -> None:
         fake.add(name, sc)
     fake.start()
     threading.Thread(target=_janitor, args=(fake,), daemon=True, name="janitor").start()
-    print(f"fake upstream on {fake.url}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        fake.stop()
+    run_until_interrupted(fake)
 
 
 if __name__ == "__main__":

@@ -415,7 +415,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="A fake Anthropic API for tests and benchmarks (loopback only).")
     ap.add_argument("--port", type=int, default=0)
     args = ap.parse_args()
-    fake = FakeUpstream(port=args.port).start()
+    run_until_interrupted(FakeUpstream(port=args.port).start())
+
+
+def run_until_interrupted(fake: FakeUpstream) -> None:
+    """Standalone use (tests' subprocess fake, the benchmark): announce the URL and serve until stopped."""
     print(f"fake upstream on {fake.url}", flush=True)
     try:
         while True:
