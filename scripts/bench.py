@@ -47,7 +47,7 @@ UPSTREAM_SCRIPT = ROOT / "scripts" / "bench_upstream.py"
 REPORT_SCRIPT = ROOT / "scripts" / "bench_report.py"
 TOKEN = "sk-metrion-bench-0000000000000000"
 sys.path.insert(0, str(ROOT))
-from tests.netutil import free_port, wait_port  # noqa: E402  (shared with the tests)
+from tests.netutil import free_port, stop_process, wait_port  # noqa: E402  (shared with the tests)
 
 NOTES_MARKER = "<!-- notes: everything below this line is hand-written and kept when the script rewrites the file -->"
 
@@ -108,13 +108,7 @@ class Server:
         return self.proc.pid
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
 
 class Cluster:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-from tests.netutil import free_port, wait_port
+from tests.netutil import free_port, stop_process, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "metrion_addon" / "mitm_script.py"
@@ -122,13 +122,7 @@ def start_proxy(
 
 
 def stop_proxy(proxy: Proxy) -> None:
-    if proxy.proc.poll() is None:
-        proxy.proc.terminate()
-        try:
-            proxy.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proxy.proc.kill()
-            proxy.proc.wait(5)
+    stop_process(proxy.proc)
 
 
 @pytest.fixture(scope="session")
@@ -169,12 +163,7 @@ class FakeProcess:
     proc: subprocess.Popen[bytes]
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
+        stop_process(self.proc, timeout=10)
 
 
 def start_fake_process() -> FakeProcess:
