@@ -66,6 +66,7 @@ class Scenario:
     delay: float = 0.0  # seconds before the response headers
     repeat_usage_in_delta: bool = True  # message_delta repeats input/cache/server-tool fields (cumulative)
     reset_after: int | None = None  # SSE: reset the connection (TCP RST) after this many events
+    hold_open: float = 0.0  # SSE: seconds to keep the stream open after its last event, before ending it
 
 
 @dataclass
@@ -85,7 +86,7 @@ class FakeUpstream:
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.scenarios: dict[str, Scenario] = {}
         self.received: dict[str, Received] = {}
-        self.sent: dict[str, bytes] = {}
+        self.sent: dict[str, bytes | bytearray] = {}
         self.order: list[str] = []
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -308,7 +309,7 @@ class _Handler(BaseHTTPRequestHandler):
                 ).encode()
             )
             return self._send(sc.status, payload, "application/json", common, sc.encoding, rid)
-        if path.endswith("/count_tokens"):
+        if path == "/v1/messages/count_tokens":
             return self._send(200, json.dumps({"input_tokens": 42}).encode(), "application/json", common, None, rid)
         if path.startswith("/v1/models"):
             data = {"data": [{"type": "model", "id": "claude-sonnet-5-5"}], "has_more": False}
@@ -316,7 +317,8 @@ class _Handler(BaseHTTPRequestHandler):
         stream = sc.stream if sc.stream is not None else req.get("stream") is True
         if not stream:
             payload = sc.body or json.dumps(message_json(model, sc.usage, sc.text, msg_id)).encode()
-            return self._send(200, payload, sc.content_type or "application/json", common, sc.encoding, rid)
+            ctype = sc.content_type if sc.content_type is not None else "application/json"  # "": no header
+            return self._send(200, payload, ctype, common, sc.encoding, rid)
         self._stream(sc, model, msg_id, common, rid)
 
     def _send(
@@ -324,15 +326,16 @@ class _Handler(BaseHTTPRequestHandler):
     ) -> None:
         wire = compress_whole(payload, encoding) if encoding else payload
         self.send_response(status)
-        self.send_header("content-type", ctype)
+        if ctype:
+            self.send_header("content-type", ctype)
         self.send_header("content-length", str(len(wire)))
         if encoding:
             self.send_header("content-encoding", encoding)
         for k, v in headers.items():
             self.send_header(k, v)
         self.end_headers()
+        self.fake.sent[rid] = wire  # before the write: a client that has read it all finds it recorded
         self.wfile.write(wire)
-        self.fake.sent[rid] = wire
 
     def _stream(self, sc: Scenario, model: str, msg_id: str, headers: dict[str, str], rid: str) -> None:
         self.send_response(200)
@@ -345,7 +348,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(k, v)
         self.end_headers()
         comp = _Compressor(sc.encoding)
-        sent = bytearray()
+        # Recorded before each write, so a client that has read the whole stream finds all of it here.
+        sent = self.fake.sent[rid] = bytearray()
 
         def pieces() -> Iterator[bytes]:
             if sc.raw_sse is not None:
@@ -377,13 +381,15 @@ class _Handler(BaseHTTPRequestHandler):
                 )
                 for part in parts:
                     if part:
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
                         sent += part
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(part), part))
                 self.wfile.flush()
+            if sc.hold_open:
+                time.sleep(sc.hold_open)
             tail = comp.end()
             if tail:
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(tail), tail))
                 sent += tail
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(tail), tail))
             self.wfile.write(b"0\r\n\r\n")
             self.wfile.flush()
         except _Cut:
@@ -399,8 +405,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.close()
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        finally:
-            self.fake.sent[rid] = bytes(sent)
 
 
 class _Cut(Exception):
