@@ -21,6 +21,8 @@ from typing import Any
 
 import sqlite_utils
 
+from metrion_addon.text import clean_text, valid_utf8
+
 log = logging.getLogger(__name__)
 
 # The `requests` table is a public contract: people query it directly. Add columns; never rename or repurpose.
@@ -76,21 +78,59 @@ _INT64 = range(-(2**63), 2**63)
 
 
 def _cell(value: Any) -> Any:
-    """A value SQLite accepts. Garbage from upstream (a 40-digit token count, a list) must not poison a batch."""
-    if value is None or isinstance(value, str | float | bytes):
+    """A value SQLite accepts. Garbage from upstream (a 40-digit token count, a list, a lone surrogate) must not
+    poison a batch: every string is made valid UTF-8 here, whatever the edge did."""
+    if value is None or isinstance(value, float | bytes):
         return value
+    if isinstance(value, str):
+        return value if value.isascii() else valid_utf8(value)
     if isinstance(value, int):
         return value if value in _INT64 else None
-    return str(value)
+    return valid_utf8(str(value))
+
+
+def _salvaged(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A row the database refused, with every value it could object to replaced: text is cleaned of controls
+    and capped, numbers outside SQLite's range dropped. What is left is what can be known for certain."""
+    out = []
+    for c in INSERT_COLUMNS:
+        v = row.get(c)
+        if isinstance(v, str) or not isinstance(v, int | float | type(None)):
+            v = clean_text(str(v), 2000) if v is not None else None
+        elif isinstance(v, int) and v not in _INT64:
+            v = None
+        out.append(v)
+    return tuple(out)
 
 
 def _params(row: dict[str, Any]) -> tuple[Any, ...]:
     return tuple(_cell(row.get(c)) for c in INSERT_COLUMNS)
 
 
+def _row_error(e: Exception) -> bool:
+    """True when the failure is this row's values (a lone surrogate, a type SQLite cannot bind, a constraint),
+    False when it is the database (locked, full, read-only, I/O error): only that makes it 'unwritable'."""
+    if isinstance(e, sqlite3.OperationalError):
+        return False
+    if isinstance(e, sqlite3.DatabaseError):
+        return isinstance(e, sqlite3.IntegrityError | sqlite3.ProgrammingError | sqlite3.DataError)
+    return isinstance(e, ValueError | TypeError | OverflowError | sqlite3.InterfaceError)
+
+
 _INSERT_SQL = "INSERT INTO requests ({}) VALUES ({})".format(
     ", ".join(f"[{c}]" for c in INSERT_COLUMNS), ", ".join("?" * len(INSERT_COLUMNS))
 )
+
+
+def _insert(conn: sqlite3.Connection, params: tuple[Any, ...]) -> bool:
+    """Insert one row; False if the row's values were refused (a database failure raises)."""
+    try:
+        conn.execute(_INSERT_SQL, params)
+    except Exception as e:
+        if not _row_error(e):
+            raise
+        return False
+    return True
 
 
 # --- migrations: small functions, applied in order, recorded by name ---------------------------------
@@ -170,6 +210,8 @@ class Store:
         self.on_written = on_written
         self.written = 0
         self.dropped = 0
+        self.salvaged = 0  # rows stored with values the database refused replaced (see _write_each)
+        self.rejected = 0  # rows that could not be stored at all, even cleaned
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._backlog: deque[dict[str, Any]] = deque()
         self._thread = threading.Thread(target=self._run, name="metrion-writer", daemon=True)
@@ -268,7 +310,14 @@ class Store:
             batch = [self._backlog[i] for i in range(min(self.batch_size, len(self._backlog)))]
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany(_INSERT_SQL, [_params(r) for r in batch])
+                conn.execute("SAVEPOINT batch")
+                try:
+                    conn.executemany(_INSERT_SQL, [_params(r) for r in batch])
+                except Exception as e:
+                    if not _row_error(e):
+                        raise
+                    conn.execute("ROLLBACK TO batch")  # one row is bad, not the database: write the rest
+                    self._write_each(conn, batch)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -291,6 +340,21 @@ class Store:
                     self.on_written(batch)
                 except Exception:  # noqa: BLE001
                     log.exception("metrion: on_written callback failed")
+
+    def _write_each(self, conn: sqlite3.Connection, batch: list[dict[str, Any]]) -> None:
+        """Row by row: a row the database refuses is stored with its bad values replaced, else dropped; either
+        way counted and logged, and the rows around it are written."""
+        for row in batch:
+            if _insert(conn, _params(row)):
+                continue
+            if _insert(conn, _salvaged(row)):
+                self.salvaged += 1
+                log.warning(
+                    "metrion: a request row had values the database refused; stored cleaned (%d so far)", self.salvaged
+                )
+            else:
+                self.rejected += 1
+                log.error("metrion: a request row could not be stored even cleaned; dropped (%d so far)", self.rejected)
 
     def _failed(self, e: Exception) -> None:
         self._trim()
