@@ -97,6 +97,9 @@ class Priced:
         }
 
 
+COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
+
+
 def model_version(model: str) -> tuple[int, int] | None:
     """(major, minor) of a Claude model id: claude-opus-4-6 -> (4, 6), claude-3-5-haiku -> (3, 5)."""
     for rx in _VERSION_RES:
@@ -199,7 +202,7 @@ class Pricer:
         )
 
     def price(self, model: str | None, usage: Usage | None, ts: datetime, path: str = "/v1/messages") -> Priced:
-        if path.endswith("/count_tokens"):
+        if path == COUNT_TOKENS_PATH:  # exactly: `/v1/messages;x/count_tokens` and the like are not free
             return Priced(ZERO, "free:count_tokens")
         if usage is None:
             return Priced(ZERO, "no_usage")

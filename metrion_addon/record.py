@@ -8,12 +8,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from metrion_addon.pricing import Pricer
-from metrion_addon.usage import ResponseFacts, StreamTap
+from metrion_addon.pricing import Priced, Pricer
+from metrion_addon.text import clean_text
+from metrion_addon.usage import JsonTap, ResponseFacts, StreamTap
 
 _MESSAGES_RE = re.compile(r"^(?:/v1)?/messages(/.*)?$")
-_CTRL_RE = re.compile(r"[\x00-\x1f\x7f]")
 LABEL_MAX = 200
+MODEL_MAX = 200
+# The endpoints that bill tokens: a 2xx answer from one of them without readable usage is flagged, never $0.
+BILLED_ENDPOINTS = frozenset({("POST", "/v1/messages")})
 
 
 def iso_ms(epoch: float) -> str:
@@ -31,13 +34,8 @@ def upstream_path(path: str, prefix: str) -> str:
 
 
 def clean_label(value: str | None) -> str | None:
-    """A user/agent label as stored: control characters removed, length capped, empty -> None."""
-    if value is None:
-        return None
-    if not value.isprintable():  # rare: only then pay for the regex
-        value = _CTRL_RE.sub("", value)
-    value = value.strip()[:LABEL_MAX]
-    return value or None
+    """A user/agent label as stored: valid UTF-8, control characters removed, length capped, empty -> None."""
+    return clean_text(value, LABEL_MAX)
 
 
 def request_model(body: bytes, content_type: str) -> str | None:
@@ -49,7 +47,7 @@ def request_model(body: bytes, content_type: str) -> str | None:
     except (ValueError, RecursionError):
         return None
     model = obj.get("model") if isinstance(obj, dict) else None
-    return model[:200] if isinstance(model, str) and model else None
+    return clean_text(model, MODEL_MAX) if isinstance(model, str) else None
 
 
 @dataclass
@@ -67,8 +65,11 @@ class Pending:
     session_id: str | None = None
     local_error: str | None = None  # set when the proxy answered itself (e.g. authentication_error)
     local_message: str | None = None
+    status: int | None = None  # from the response headers, once they arrived
+    request_id: str | None = None
+    headers_at: float | None = None
     streamed: bool = False
-    tap: StreamTap | None = None
+    tap: StreamTap | JsonTap | None = None
     facts: ResponseFacts = field(default_factory=ResponseFacts)
 
 
@@ -86,18 +87,22 @@ def finish(
     """The row for a finished request. `error` is the transport-level failure, if any (client_disconnect...)."""
     f = p.facts
     usage = f.usage
-    model = p.model or f.model
+    model = p.model or clean_text(f.model, MODEL_MAX)
     priced = pricer.price(f.model or p.model, usage, datetime.fromtimestamp(p.started, UTC), p.path)
     implausible = usage is not None and not usage.plausible
     if implausible:
         usage = None  # garbage counts: kept raw in usage_json for an audit, not in the token columns
+    ok = status is not None and 200 <= status < 300 and p.local_error is None and error is None
+    unreadable = ok and f.error_type is None and (p.method, p.path) in BILLED_ENDPOINTS and f.raw_usage is None
+    if unreadable:
+        priced = Priced(None, "usage_unreadable")  # a billed answer whose usage could not be read: never $0
 
-    err = p.local_error or error or f.error_type
+    err = p.local_error or error or clean_text(f.error_type, 100)
     if err is None and status is not None and status >= 400:
         err = f"http_{status}"
     if err is None and p.streamed and not f.completed:
         err = "incomplete_stream"  # the upstream closed cleanly but never sent message_stop
-    if err is None and ((p.tap is not None and p.tap.failed) or f.parse_errors or implausible):
+    if err is None and ((p.tap is not None and p.tap.failed) or f.parse_errors or implausible or unreadable):
         err = "usage_unreadable"  # forwarded as is, but part of the response could not be read: usage may be short
     message = p.local_message or f.error_message or error_message
 
@@ -112,17 +117,17 @@ def finish(
         "model": model,
         "stream": int(p.streamed),
         "status": status,
-        "request_id": request_id,
-        "message_id": f.message_id,
+        "request_id": clean_text(request_id),
+        "message_id": clean_text(f.message_id),
         "latency_ms": round((ended_at - p.started) * 1000, 3),
         "ttft_ms": None if ttft_at is None else round((ttft_at - p.started) * 1000, 3),
         "completed": int(err is None and (f.completed or not p.streamed) and status is not None and status < 400),
         "error": err,
-        "error_message": message[:500] if message else None,
-        "stop_reason": f.stop_reason,
+        "error_message": clean_text(message),
+        "stop_reason": clean_text(f.stop_reason),
         "client": p.client,
         "session_id": p.session_id,
-        "response_model": f.model,
+        "response_model": clean_text(f.model, MODEL_MAX),
         "usage_json": json.dumps(f.raw_usage, separators=(",", ":")) if f.raw_usage is not None else None,
         **priced.columns(),
     }
@@ -136,9 +141,9 @@ def finish(
             cache_creation_1h_input_tokens=usage.total("cache_creation_1h_input_tokens"),
             web_search_requests=usage.web_search_requests,
             web_fetch_requests=usage.web_fetch_requests,
-            service_tier=usage.service_tier,
-            inference_geo=usage.inference_geo,
-            speed=usage.speed,
+            service_tier=clean_text(usage.service_tier),
+            inference_geo=clean_text(usage.inference_geo),
+            speed=clean_text(usage.speed),
             iterations=usage.iterations,
         )
     return row

@@ -62,12 +62,15 @@ class Usage:
     service_tier: str | None = None
     inference_geo: str | None = None
     speed: str | None = None
+    malformed: bool = False  # a count that is not a non-negative integer (string, float, negative, NaN...)
 
     def total(self, name: str) -> int:
         return sum(getattr(p, name) for p in self.parts)
 
     @property
     def plausible(self) -> bool:
+        if self.malformed:
+            return False
         counts = [self.total(n) for n in _TOKEN_FIELDS] + [self.web_search_requests, self.web_fetch_requests]
         return max(counts) <= MAX_PLAUSIBLE_TOKENS
 
@@ -76,8 +79,24 @@ class Usage:
         return len(self.parts) if self.from_iterations else None
 
 
+def _valid_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    return value if _valid_count(value) else 0
+
+
+_COUNT_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _malformed(raw: dict[str, Any]) -> bool:
+    """A count that is present (not null) but not a non-negative integer: the usage cannot be trusted."""
+    nested = [raw.get("cache_creation"), raw.get("server_tool_use")]
+    pairs = [(k, raw.get(k)) for k in _COUNT_FIELDS] + [
+        (k, v) for d in nested if isinstance(d, dict) for k, v in d.items() if k.endswith(("_tokens", "_requests"))
+    ]
+    return any(v is not None and not _valid_count(v) for _, v in pairs)
 
 
 def _str(value: Any) -> str | None:
@@ -116,6 +135,7 @@ def usage_from_raw(raw: dict[str, Any]) -> Usage:
     return Usage(
         parts=parts,
         from_iterations=bool(entries),
+        malformed=any(_malformed(r) for r in (raw, *entries)),
         web_search_requests=_int(tools.get("web_search_requests")),
         web_fetch_requests=_int(tools.get("web_fetch_requests")),
         service_tier=_str(raw.get("service_tier")),
@@ -260,3 +280,47 @@ class StreamTap:
             events += self._parser.close()
         for event, payload in events:
             self.facts.on_event(event, payload)
+
+
+# A JSON response read through a tap is kept (decoded) up to this size to be parsed at its end. Anthropic's
+# JSON answers are far smaller; a larger one is forwarded whole but flagged as unreadable, never priced at $0.
+JSON_TAP_MAX = 64 * 1024 * 1024
+
+
+class JsonTap:
+    """The `flow.response.stream` callable for a JSON response that mitmproxy streams instead of buffering
+    (`stream_large_bodies`): every chunk passes through unchanged, at once; a copy is parsed at the clean end."""
+
+    __slots__ = ("facts", "_decode", "_buf", "failed")
+
+    def __init__(self, facts: ResponseFacts, content_encoding: str | None) -> None:
+        self.facts = facts
+        self._buf = bytearray()
+        self.failed: str | None = None
+        try:
+            self._decode = incremental_decoder(content_encoding)
+        except Exception as e:  # noqa: BLE001 - the bytes must flow whatever happens here
+            self._decode = None
+            self.failed = f"{e.__class__.__name__}: {e}"[:200]
+        if self._decode is None and self.failed is None:
+            self.failed = f"unsupported content-encoding {content_encoding!r}"
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if chunk and self.facts.first_byte_at is None:
+            self.facts.first_byte_at = time.time()
+        if self.failed is None:
+            try:
+                self._read(chunk)
+            except Exception as e:  # noqa: BLE001 - reading must never break the response
+                self.failed = f"{e.__class__.__name__}: {e}"[:200]
+        return chunk
+
+    def _read(self, chunk: bytes) -> None:
+        assert self._decode is not None
+        self._buf += self._decode(chunk)
+        if len(self._buf) > JSON_TAP_MAX:
+            self._buf = bytearray()
+            self.failed = f"JSON response over {JSON_TAP_MAX} bytes: not read"
+        elif not chunk:  # clean end of the body
+            self.facts.from_json_body(bytes(self._buf))
+            self._buf = bytearray()
