@@ -1,4 +1,10 @@
-"""The mitmproxy addon: wires mitmproxy's hooks to config, auth, usage, pricing and the store."""
+"""The mitmproxy addon: wires mitmproxy's hooks to config, auth, usage, pricing and the store.
+
+Fail closed: everything that decides whether a request may go upstream runs in `requestheaders`, before any
+byte of it is forwarded (with `stream_large_bodies`, the body goes upstream before the `request` hook). Until
+every check has passed, the flow carries a local error answer, so an exception anywhere in our code (which
+mitmproxy would log and otherwise ignore, forwarding the flow as it was) ends in a refusal, never a bypass.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +12,17 @@ import json
 import logging
 import time
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, http
 
+from metrion_addon import mitm_errors
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
 from metrion_addon.budget import Budgets, file_clock, response_headers
 from metrion_addon.config import Config, ConfigError, load_config
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending, clean_label, finish, iso_ms, request_model, upstream_path
 from metrion_addon.store import Store, connect
-from metrion_addon.usage import StreamTap
+from metrion_addon.text import is_clean_token
+from metrion_addon.usage import JsonTap, StreamTap
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +30,13 @@ log = logging.getLogger(__name__)
 # that nothing which prints or saves flows later (mitmdump's flow_detail >= 2, `-w`) can show them.
 CREDENTIAL_HEADERS = ("x-api-key", "authorization", "proxy-authorization", "x-metrion-token", "cookie")
 REDACTED = "<redacted by metrion>"
+# A refused request is answered after mitmproxy has read its body. Bodies larger than this (or of unknown size,
+# or that mitmproxy streams) are not read for a refusal: the connection is closed instead, so that nobody
+# without a token can make the proxy buffer hundreds of MB.
+REFUSAL_BODY_MAX = 4 * 1024 * 1024
+# Anthropic's own request limit is 32 MB for Messages and 256 MB for Message Batches: the default
+# `body_size_limit` when the user sets none (mitmproxy then refuses larger bodies before reading them).
+DEFAULT_BODY_SIZE_LIMIT = "256m"
 
 
 def redact_credentials(headers: http.Headers) -> None:
@@ -35,6 +50,8 @@ def classify_error(msg: str, response_started: bool) -> str:
     m = msg.lower()
     if "client disconnected" in m:
         return "client_disconnect"
+    if "body_size_limit" in m:
+        return "request_too_large" if m.startswith("request") else "response_too_large"
     if "timed out" in m or "timeout" in m:
         return "upstream_timeout"
     if response_started:
@@ -42,6 +59,40 @@ def classify_error(msg: str, response_started: bool) -> str:
     if "connect" in m or "refused" in m or "resolve" in m or "unreachable" in m:
         return "upstream_unreachable"
     return "proxy_error"
+
+
+def malformed_headers(headers: http.Headers) -> tuple[int, str, str] | None:
+    """(status, error type, message) for headers no request may carry, else None.
+
+    A line break inside a value is an obs-fold continuation line (mitmproxy keeps it in the previous header's
+    value and would forward it: a strict upstream reads it as a header of its own). A credential can only be
+    printable ASCII: raw bytes or control characters in one mean a malformed or hostile request.
+    """
+    if "trailer" in headers:  # mitmproxy 12 cannot parse HTTP/1 request trailers: refuse before reading the body
+        return 400, "invalid_request_error", "request trailers are not supported by this proxy"
+    for name, value in headers.items(multi=True):
+        if "\r" in value or "\n" in value:
+            return 400, "invalid_request_error", f"header {name[:64]!r} is folded over several lines (obs-fold)"
+    for name in ("x-api-key", "authorization", "x-metrion-token"):
+        for value in headers.get_all(name):
+            if not is_clean_token(value):
+                return 401, "authentication_error", f"the {name} header holds characters no credential has"
+    return None
+
+
+def _chain(first, tap):  # type: ignore[no-untyped-def]
+    """Another addon's stream callable, then our tap on what it returns (its output reaches the client)."""
+
+    def both(chunk: bytes):  # type: ignore[no-untyped-def]
+        out = first(chunk)
+        data = out if isinstance(out, bytes) else b"".join(out)
+        if data:
+            tap(data)
+        if not chunk:
+            tap(b"")
+        return out
+
+    return both
 
 
 class Metrion:
@@ -52,6 +103,7 @@ class Metrion:
         self.store: Store | None = None
         self.budgets: Budgets | None = None
         self._pending: dict[str, Pending] = {}
+        self._client_of: dict[str, str] = {}  # flow id -> client connection id, for flows mitmproxy drops
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option(
@@ -72,8 +124,11 @@ class Metrion:
             "",
             "Testing only: a file holding the current time (epoch seconds) for budget periods.",
         )
+        mitm_errors.install()
 
     def configure(self, updated: set[str]) -> None:
+        if "body_size_limit" in updated and ctx.options.body_size_limit is None:
+            ctx.options.update(body_size_limit=DEFAULT_BODY_SIZE_LIMIT)
         if "metrion_config" not in updated:
             return
         if not ctx.options.metrion_config:
@@ -109,35 +164,84 @@ class Metrion:
     def done(self) -> None:
         if self._pending:
             # Requests still in flight at shutdown get no response/error hook: record what is known of them.
-            log.warning("metrion: %d request(s) in flight at shutdown, recorded as proxy_shutdown", len(self._pending))
+            # A stream whose end (message_stop) had already passed through is complete, not cut off.
+            cut = sum(not p.facts.completed for p in self._pending.values())
+            log.warning(
+                "metrion: %d request(s) in flight at shutdown, %d cut off (proxy_shutdown)", len(self._pending), cut
+            )
             for p in self._pending.values():
                 self._store(
-                    p, status=None, request_id=None, headers_at=None, ended_at=time.time(), error="proxy_shutdown"
+                    p,
+                    status=p.status,
+                    request_id=p.request_id,
+                    headers_at=p.headers_at,
+                    ended_at=time.time(),
+                    error=None if p.facts.completed else "proxy_shutdown",
                 )
             self._pending.clear()
         if self.store is not None:
             self.store.close()
             self.store = None
 
+    def client_disconnected(self, client: connection.Client) -> None:
+        """Flows of this client that got neither `response` nor `error`: mitmproxy gave up on the connection
+        (for example on HTTP/1 request trailers, which it cannot parse). They still leave their row."""
+        orphans = [fid for fid, cid in self._client_of.items() if cid == client.id]
+        for fid in orphans:
+            del self._client_of[fid]
+            p = self._pending.pop(fid, None)
+            if p is not None:
+                msg = "the proxy could not process this request (malformed HTTP); the connection was closed"
+                self._store(
+                    p,
+                    status=None,
+                    request_id=None,
+                    headers_at=None,
+                    ended_at=time.time(),
+                    error=p.local_error or "client_protocol_error",
+                    error_message=msg,
+                )
+
     # -- request side ------------------------------------------------------------------------------
 
-    def request(self, flow: http.HTTPFlow) -> None:
-        if self.auth is None or self.config is None or flow.response is not None:
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None or self.auth is None:
             return
-        req = flow.request
-        req.path = upstream_path(req.path, self.config.path_prefix)
-        p = Pending(
-            started=req.timestamp_start,
-            method=req.method,
-            path=req.path.partition("?")[0],
-            client=clean_label(req.headers.get("user-agent")),
-            session_id=clean_label(req.headers.get("x-claude-code-session-id")),
-            user=clean_label(req.headers.get(USER_HEADER)),
-        )
-        p.model = request_model(req.raw_content or b"", req.headers.get("content-type", ""))
-        self._pending[flow.id] = p
+        # Refused until admitted: if anything below raises, this answer stands and nothing goes upstream.
+        flow.response = http.Response.make(500, json.dumps(error_body("api_error", "metrion proxy error")))
+        try:
+            self._admit(flow)
+        except Exception:
+            log.exception("metrion: error while checking a request; it was refused, not forwarded")
+            p = self._pending.get(flow.id) or self._track(flow)
+            self._answer(
+                flow,
+                p,
+                500,
+                "api_error",
+                "internal error in the metrion proxy; the request was not forwarded",
+                record_as="metrion_internal_error",
+            )
 
-        decision = self.auth.authenticate(req.headers)
+    def _track(self, flow: http.HTTPFlow) -> Pending:
+        req = flow.request
+        p = Pending(started=req.timestamp_start, method=clean_label(req.method) or "?", path="?")
+        self._pending[flow.id] = p
+        self._client_of[flow.id] = flow.client_conn.id
+        return p
+
+    def _admit(self, flow: http.HTTPFlow) -> None:
+        assert self.auth is not None and self.config is not None
+        req = flow.request
+        p = self._track(flow)
+        req.path = upstream_path(req.path, self.config.path_prefix)
+        p.path = clean_label(req.path.partition("?")[0]) or "/"
+        p.client = clean_label(req.headers.get("user-agent"))
+        p.session_id = clean_label(req.headers.get("x-claude-code-session-id"))
+        p.user = clean_label(req.headers.get(USER_HEADER))
+
+        bad = malformed_headers(req.headers)
+        decision = self.auth.authenticate(req.headers) if bad is None else AuthError(bad[2], bad[0], bad[1])
         for name in [n for n in req.headers if n.lower().startswith(METRION_HEADER_PREFIX)]:
             del req.headers[name]
         if isinstance(decision, AuthError):
@@ -150,15 +254,42 @@ class Metrion:
             req.headers.pop(name, None)
         for name, value in decision.set_headers.items():
             req.headers[name] = value
+        flow.response = None  # admitted
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        """The body has been read (unless mitmproxy streams it): the model, and the unknown-model policy."""
+        p = self._pending.get(flow.id)
+        if p is None or flow.request.stream:
+            return
+        try:
+            p.model = request_model(flow.request.raw_content or b"", flow.request.headers.get("content-type", ""))
+            if p.local_error is not None or flow.response is not None:
+                return  # refused already; the model is only for the record
+            assert self.config is not None and self.pricer is not None
+            if self.config.budgets.block_unknown_models and p.model and not self.pricer.knows(p.model, p.started):
+                msg = f"model {p.model!r} has no known price, and this metrion proxy refuses unpriced models"
+                self._answer(flow, p, 403, "permission_error", msg, record_as="unknown_model_blocked")
+        except Exception:
+            log.exception("metrion: error while reading a request body; it was refused, not forwarded")
+            self._answer(
+                flow,
+                p,
+                500,
+                "api_error",
+                "internal error in the metrion proxy; the request was not forwarded",
+                record_as="metrion_internal_error",
+            )
 
     def _within_limits(self, flow: http.HTTPFlow, p: Pending) -> bool:
-        """Budgets and the unknown-model policy, checked before anything is forwarded."""
-        assert self.config is not None and self.budgets is not None and self.pricer is not None
-        if self.config.budgets.block_unknown_models and p.model and not self.pricer.knows(p.model, p.started):
-            msg = f"model {p.model!r} has no known price, and this metrion proxy refuses unpriced models"
-            self._answer(flow, p, 403, "permission_error", msg, record_as="unknown_model_blocked")
+        """Budgets, checked before anything is forwarded."""
+        assert self.config is not None and self.budgets is not None and p.account is not None
+        if self.config.budgets.block_unknown_models and flow.request.stream:
+            msg = (
+                "this metrion proxy refuses unpriced models, and reads the model from the body before "
+                "forwarding: this body is over stream_large_bodies, so its model cannot be checked"
+            )
+            self._answer(flow, p, 413, "request_too_large", msg, record_as="unknown_model_blocked")
             return False
-        assert p.account is not None
         check = self.budgets.check(p.account, p.user)
         if check.blocked is not None:
             retry = str(self.budgets.retry_after(check.blocked))
@@ -178,12 +309,19 @@ class Metrion:
         record_as: str | None = None,
         retry_after: str | None = None,
     ) -> None:
-        """Answer locally in Anthropic's error shape; the upstream is never contacted."""
+        """Answer locally in Anthropic's error shape; the upstream is never contacted.
+
+        A body that mitmproxy streams, or that is large or of unknown size, is not read for a refusal: the
+        connection is closed instead (the `error` hook records the request).
+        """
         p.local_error, p.local_message = record_as or error_type, message
         headers = {"content-type": "application/json"}
         if retry_after is not None:
             headers["retry-after"] = retry_after
         flow.response = http.Response.make(status, json.dumps(error_body(error_type, message)), headers)
+        if flow.request.data.content is None and _large_or_unknown_body(flow.request):
+            p.local_message = f"{message} (body not read: connection closed)"
+            flow.kill()
 
     # -- response side -----------------------------------------------------------------------------
 
@@ -191,18 +329,28 @@ class Metrion:
         p = self._pending.get(flow.id)
         if p is None or p.local_error is not None or flow.response is None:
             return
-        flow.response.headers.update(flow.metadata.get("metrion_budget_headers", {}))
-        ctype = flow.response.headers.get("content-type", "").lower()
+        resp = flow.response
+        p.status, p.request_id, p.headers_at = resp.status_code, resp.headers.get("request-id"), resp.timestamp_start
+        resp.headers.update(flow.metadata.get("metrion_budget_headers", {}))
+        ctype = resp.headers.get("content-type", "").lower()
+        encoding = resp.headers.get("content-encoding")
+        tap: StreamTap | JsonTap | None = None
         if ctype.startswith("text/event-stream"):
             p.streamed = True
-            p.tap = StreamTap(p.facts, flow.response.headers.get("content-encoding"))
-            flow.response.stream = p.tap
-        elif "json" not in ctype:
-            flow.response.stream = True  # not ours to read (e.g. batch results): pass it straight through
+            tap = StreamTap(p.facts, encoding)
+        elif "json" in ctype:
+            if resp.stream:  # mitmproxy streams it (stream_large_bodies), or another addon does: read on the side
+                tap = JsonTap(p.facts, encoding)
+        elif not resp.stream:
+            resp.stream = True  # not ours to read (e.g. batch results): pass it straight through
+        if tap is not None:
+            resp.stream = _chain(resp.stream, tap) if callable(resp.stream) else tap
+            p.tap = tap
 
     def response(self, flow: http.HTTPFlow) -> None:
         redact_credentials(flow.request.headers)  # the request has been sent (or answered locally)
         p = self._pending.pop(flow.id, None)
+        self._client_of.pop(flow.id, None)
         if p is None or flow.response is None:
             return
         resp = flow.response
@@ -225,19 +373,29 @@ class Metrion:
     def error(self, flow: http.HTTPFlow) -> None:
         redact_credentials(flow.request.headers)
         p = self._pending.pop(flow.id, None)
+        self._client_of.pop(flow.id, None)
         if p is None:
             return
-        msg = flow.error.msg if flow.error else "unknown error"
-        started = flow.response is not None
-        kind = classify_error(msg, started)
-        status = flow.response.status_code if flow.response is not None else None
-        if status is None and kind in ("upstream_unreachable", "upstream_timeout", "proxy_error"):
-            status = 502  # mitmproxy answers the client with a 502 when the upstream cannot be reached
+        msg: str | None = flow.error.msg if flow.error else "unknown error"
+        started = flow.response is not None and p.status is not None
+        kind: str | None = classify_error(msg or "", started)
+        if p.streamed and p.facts.completed:
+            kind = msg = None  # the stream had ended (message_stop): a hang-up or shutdown after it cut nothing
+        status = p.status
+        if flow.error is not None and flow.error.msg == flow.error.KILLED_MESSAGE:
+            status = None  # killed by us: the refusal was not sent (the connection was closed)
+        elif status is None:
+            status = {
+                "upstream_unreachable": 502,
+                "upstream_timeout": 502,
+                "proxy_error": 502,
+                "request_too_large": 413,
+            }.get(kind)  # what mitmproxy answered the client
         self._record(
             flow,
             p,
             status=status,
-            headers_at=flow.response.timestamp_start if flow.response is not None else None,
+            headers_at=p.headers_at,
             ended_at=time.time(),
             error=kind,
             error_message=msg,
@@ -271,3 +429,15 @@ class Metrion:
         self.store.put(row)
         if self.budgets is not None:
             self.budgets.add(row.get("account"), row.get("user"), row.get("cost_usd"))
+
+
+def _large_or_unknown_body(req: http.Request) -> bool:
+    if req.stream:
+        return True
+    length = req.headers.get("content-length")
+    if length is None:
+        return "chunked" in req.headers.get("transfer-encoding", "").lower()
+    try:
+        return int(length) > REFUSAL_BODY_MAX
+    except ValueError:
+        return True
