@@ -30,6 +30,7 @@ from urllib.parse import quote
 from rich import box
 
 from metrion_addon.budget import Budgets, BudgetSettings
+from metrion_addon.text import clean_text
 
 if TYPE_CHECKING:
     from metrion_addon.config import Config
@@ -407,9 +408,23 @@ class Report:
     output: list[RenderableType] = field(default_factory=list)  # what the terminal shows
 
 
+class LiteralTable(Table):
+    """A table whose text cells are shown literally. Labels, models and clients come from requests (anyone who
+    can reach the proxy chooses them): as plain `str` cells rich would read `[/]` or `[link=...]` as markup and
+    print an ESC sequence raw. Every `str` cell becomes a `Text` with control characters removed."""
+
+    def add_row(self, *renderables: RenderableType | None, **kw: Any) -> None:
+        super().add_row(*(Text(display_text(r)) if isinstance(r, str) else r for r in renderables), **kw)
+
+
+def display_text(value: str) -> str:
+    """A database value as shown on a terminal: valid UTF-8, no control characters (escape sequences)."""
+    return value if value.isprintable() else (clean_text(value, 10_000) or "")
+
+
 def _table(title: str, columns: Sequence[str], numeric_from: int) -> Table:
     """Labels left, numbers right and never wrapped; light borders so wide reports still fit a terminal."""
-    t = Table(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, title_style="bold")
+    t = LiteralTable(title=title, title_justify="left", header_style="bold", box=box.SIMPLE_HEAD, title_style="bold")
     for i, c in enumerate(columns):
         if i >= numeric_from:
             t.add_column(c, justify="right", no_wrap=True)
@@ -783,11 +798,22 @@ def to_json(report: Report, opts: Options) -> str:
     return json.dumps(doc, indent=2)
 
 
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (`=HYPERLINK(...)`, `@SUM`, `-2+3`) gets a leading `'`,
+    as OWASP's CSV-injection advice says; numbers are written as numbers."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
+
+
 def to_csv(report: Report) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=report.fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
-    w.writerows(report.rows)
+    w.writerows({k: csv_cell(v) for k, v in row.items()} for row in report.rows)
     return buf.getvalue()
 
 
