@@ -170,7 +170,11 @@ class FakeAdmin:
         offset = int((q.get("page") or ["page_0"])[0].removeprefix("page_") or 0)
         size = min(int((q.get("limit") or ["20"])[0]), self.page_size)
         more = offset + size < len(data)
-        doc = {"data": data[offset : offset + size], "has_more": more, "next_page": f"page_{offset + size}" if more else None}
+        doc = {
+            "data": data[offset : offset + size],
+            "has_more": more,
+            "next_page": f"page_{offset + size}" if more else None,
+        }
         if path.startswith("/v1/organizations/analytics/"):
             doc["data_refreshed_at"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return 200, doc
@@ -238,7 +242,8 @@ class FakeAdmin:
             sums: dict[tuple[str, str, str], Decimal] = {}
             for _, _, model, tier, cell in self._in_range(day, day + timedelta(days=1)):
                 for k in KINDS:
-                    sums[(model, tier, k)] = sums.get((model, tier, k), Decimal(0)) + self.cost_usd(model, k, cell.get(k, 0))
+                    usd = self.cost_usd(model, k, cell.get(k, 0))
+                    sums[(model, tier, k)] = sums.get((model, tier, k), Decimal(0)) + usd
             results = [
                 {"amount": str(usd * 100), "currency": "USD", "description": f"{model} {k}", "model": model,
                  "service_tier": tier, "cost_type": "tokens", "token_type": k, "workspace_id": None,
