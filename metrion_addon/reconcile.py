@@ -8,6 +8,7 @@ own keys, which the meter never sees, so it is counted and reported as out of sc
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -259,12 +260,13 @@ def compare(
     which have no cost per key); rows without a provider cost compare tokens only. `only_ids`: with
     --account, provider usage of other keys is left out instead of being reported as not behind this proxy.
     """
+    provider, provider_cost = _merge_model_dates(provider, provider_cost)
     by_key: dict[tuple[str, str | None, str, str], MeterCell] = {}
     for (day, account, model, tier), cell in meter.items():
         kid = keys.id_by_account.get(account)
         if kid is None:
             continue
-        k = (day, kid, model, tier)
+        k = (day, kid, base_model(model), tier)
         agg = by_key.setdefault(k, MeterCell())
         for kind, n in cell.tokens.items():
             agg.tokens[kind] = agg.tokens.get(kind, 0) + n
@@ -296,13 +298,47 @@ def compare(
     return rows
 
 
+_DATED = re.compile(r"-\d{8}$")
+
+
+def base_model(model: str) -> str:
+    """`claude-haiku-4-5-20251001` -> `claude-haiku-4-5`: the report may name a model without the date the response
+    carried (or the other way round); the same model must land in one row."""
+    return _DATED.sub("", model)
+
+
+def _merge_model_dates(
+    provider: dict[tuple[str, str | None, str, str], Usage],
+    cost: dict[tuple[str, str | None, str, str], dict[str, Decimal]] | None,
+) -> tuple[
+    dict[tuple[str, str | None, str, str], Usage], dict[tuple[str, str | None, str, str], dict[str, Decimal]] | None
+]:
+    usage: dict[tuple[str, str | None, str, str], Usage] = {}
+    for (day, kid, model, tier), u in provider.items():
+        cell = usage.setdefault((day, kid, base_model(model), tier), Usage())
+        for kind, n in u.tokens.items():
+            cell.add(kind, n)
+    if cost is None:
+        return usage, None
+    merged: dict[tuple[str, str | None, str, str], dict[str, Decimal]] = {}
+    for (day, kid, model, tier), parts in cost.items():
+        cell_cost = merged.setdefault((day, kid, base_model(model), tier), {})
+        for part, usd in parts.items():
+            cell_cost[part] = cell_cost.get(part, Decimal(0)) + usd
+    return usage, merged
+
+
 def classify(row: Row, parts: dict[str, Decimal] | None, m: MeterCell, tol: Tolerance) -> None:
     tokens_ok = all(tol.tokens_ok(row.provider[k], row.meter[k]) for k in ALL_KINDS)
     cost_ok = row.provider_cost is None or (tol.usd_ok(row.provider_cost, row.meter_cost) and not m.unpriced)
     row.ok = tokens_ok and cost_ok
     if not row.accounts:
         row.ok, row.cause = False, NOT_BEHIND
-        row.detail = "no account holds this key: traffic that went around the proxy, or pass-through clients"
+        row.detail = (
+            "no account holds this key: traffic that went around the proxy, or pass-through clients"
+            if row.api_key_id
+            else "usage no API key authenticated (e.g. the Console's Workbench)"
+        )
     elif not tokens_ok:
         row.cause = UNMETERED if row.token_diff > 0 else OVER_COUNT
         diffs = [f"{SHORT[k]} {row.provider[k] - row.meter[k]:+,}" for k in ALL_KINDS if row.provider[k] - row.meter[k]]

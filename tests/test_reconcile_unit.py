@@ -210,3 +210,14 @@ def test_admin_errors_never_carry_the_key() -> None:
         assert e.value.status == 0 and secret not in e.value.message
     finally:
         fake.stop()
+
+
+def test_dated_and_undated_model_names_meet_in_one_row() -> None:
+    p = {
+        (DAY, "apikey_1", "claude-haiku-4-5", "standard"): usage(60, 10),
+        (DAY, "apikey_1", "claude-haiku-4-5-20251001", "standard"): usage(40, 0),
+    }
+    pc = {k: cost(*((60, 10) if k[2] == "claude-haiku-4-5" else (40, 0))) for k in p}
+    meter = {(DAY, "acme", "claude-haiku-4-5-20251001", "standard"): cell(100, 10, "0.0003")}
+    r = one(p, pc, meter)
+    assert (r.model, r.cause, r.token_diff, r.cost_diff) == ("claude-haiku-4-5", "ok", 0, Decimal(0))
