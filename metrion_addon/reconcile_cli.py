@@ -226,11 +226,11 @@ def _add_notes(result: Result, client: AdminClient, now: datetime) -> None:
 
 
 def _money(x: Decimal | None) -> str:
+    """Four decimals everywhere (a reconciliation compares columns), six for amounts under a hundredth of a cent."""
     if x is None:
         return "n/a"
-    sign = "-" if x < 0 else ""
     a = abs(x)
-    return f"{sign}${a:,.2f}" if a >= 1 else f"{sign}${a:,.4f}" if a >= Decimal("0.01") or not a else f"{sign}${a:.6f}"
+    return ("-" if x < 0 else "") + (f"${a:,.4f}" if a >= Decimal("0.0001") or not a else f"${a:.6f}")
 
 
 def _diff_money(x: Decimal | None) -> str:
@@ -274,6 +274,7 @@ def render(r: Result, console: Console) -> None:
     t = _table(title, [*cols, "cost billed", "cost metered", "Δ cost", "cause"], 5)
     t.columns[-1].justify = "left"
     t.columns[-1].no_wrap = False
+    t.columns[-1].max_width = 56
     for row in r.rows:
         key = row.key_name or row.api_key_id or "(no key)"
         cause = Text(row.cause, style=STYLE.get(row.cause, "bold red"))
