@@ -116,6 +116,16 @@ def usage_tokens(u: dict[str, Any]) -> dict[str, int]:
     }
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib would repeat the request, admin key included, to wherever a redirect points: refuse instead."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # type: ignore[no-untyped-def]
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
 class AdminClient:
     def __init__(self, base_url: str, admin_key: str, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
@@ -136,7 +146,7 @@ class AdminClient:
         req = urllib.request.Request(url, headers=headers, method="GET")
         self.calls += 1
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 - http(s) base URL, validated
+            with _OPENER.open(req, timeout=self.timeout) as resp:
                 body = resp.read()
         except urllib.error.HTTPError as e:
             detail = ""

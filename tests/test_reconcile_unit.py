@@ -221,3 +221,19 @@ def test_dated_and_undated_model_names_meet_in_one_row() -> None:
     meter = {(DAY, "acme", "claude-haiku-4-5-20251001", "standard"): cell(100, 10, "0.0003")}
     r = one(p, pc, meter)
     assert (r.model, r.cause, r.token_diff, r.cost_diff) == ("claude-haiku-4-5", "ok", 0, Decimal(0))
+
+
+class _Redirect:
+    def handle(self, handler: Any, rid: str) -> None:
+        handler._send(302, b"{}", "application/json", {"location": "http://127.0.0.1:1/steal"}, None, rid)
+
+
+def test_admin_client_does_not_follow_redirects_with_the_key() -> None:
+    fake = FakeUpstream().start()
+    fake.admin = _Redirect()
+    try:
+        with pytest.raises(AdminError) as e:
+            AdminClient(fake.url, "sk-ant-admin01-SECRET-0000").api_keys()
+        assert e.value.status == 302
+    finally:
+        fake.stop()
