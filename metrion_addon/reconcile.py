@@ -111,7 +111,8 @@ SELECT substr(ts, 1, 10) AS day, account, COALESCE(response_model, model, '(no m
        TOTAL(cost_input_usd), TOTAL(cost_cache_write_usd), TOTAL(cost_cache_read_usd), TOTAL(cost_output_usd),
        TOTAL(cost_tools_usd)
 FROM requests
-WHERE ts >= ? AND ts < ? AND mode = 'managed' AND input_tokens IS NOT NULL AND path NOT LIKE '%/count_tokens'
+WHERE ts >= ? AND ts < ? AND mode = 'managed' AND input_tokens IS NOT NULL
+  AND COALESCE(path, '') NOT LIKE '%/count_tokens'
   AND account IN ({{accounts}})
 GROUP BY 1, 2, 3, 4
 """
