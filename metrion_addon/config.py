@@ -51,6 +51,30 @@ class PriceOverride:
 
 
 @dataclass(frozen=True)
+class ReconcileSettings:
+    """`reconcile:` — the Admin API key (a secret: never logged or stored) and where the Admin API is.
+
+    The key is kept as written (a literal or `${VAR}`) and resolved only by `admin_key()`, so the proxy, which
+    never needs it, starts without the variable set.
+    """
+
+    admin_api_key: str | None = field(default=None, repr=False)
+    base_url: str | None = None  # None: the config's `upstream`
+
+    def admin_key(self, env: dict[str, str]) -> str | None:
+        """The key itself: the literal, or the named environment variable (ConfigError if that is unset)."""
+        if self.admin_api_key is None:
+            return None
+        m = _ENV_RE.match(self.admin_api_key)
+        if not m:
+            return self.admin_api_key
+        value = env.get(m.group(1))
+        if not value:
+            raise ConfigError(f"reconcile.admin_api_key: environment variable {m.group(1)} is not set (or empty)")
+        return value
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     upstream: str = "https://api.anthropic.com"
@@ -61,6 +85,7 @@ class Config:
     accounts: tuple[Account, ...] = ()
     price_overrides: tuple[PriceOverride, ...] = ()
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
+    reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
 
 
 def hash_token(token: str) -> bytes:
@@ -217,11 +242,14 @@ _TOP_KEYS = (
     "pricing",
     "budget_timezone",
     "block_unknown_models",
+    "reconcile",
 )
 _ACCOUNT_KEYS = ("name", "tokens", "anthropic_api_key", "allow_passthrough", "budget", "user_budget", "user_budgets")
 _LIMIT_KEYS = ("usd", "enforce")
 _PRICING_KEYS = ("overrides",)
 _OVERRIDE_KEYS = ("prefix", *_PRICE_FIELDS)
+_RECONCILE_KEYS = ("admin_api_key", "base_url")
+_URL_RE = re.compile(r"^https?://[^/\s]+$")
 
 
 def _limits(ctx: _Ctx, node: _Node, where: str) -> tuple[Limit, ...]:
@@ -282,7 +310,7 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
 
     if "upstream" in top:
         up = ctx.string(top["upstream"], "upstream").rstrip("/")
-        if not re.match(r"^https?://[^/\s]+$", up):
+        if not _URL_RE.match(up):
             raise ctx.fail("upstream", top["upstream"], "must be a URL like https://api.anthropic.com (no path)")
         kw["upstream"] = up
     if "listen_host" in top:
@@ -370,5 +398,20 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
             prices = {f: ctx.price(o[f], f"{where}.{f}") for f in _PRICE_FIELDS if f in o}
             overrides.append(PriceOverride(prefix=prefix, **prices))
         kw["price_overrides"] = tuple(overrides)
+
+    if "reconcile" in top:
+        rec = ctx.mapping(top["reconcile"], "reconcile", _RECONCILE_KEYS)
+        admin_key = None
+        if "admin_api_key" in rec and rec["admin_api_key"].value is not None:
+            admin_key = ctx.string(rec["admin_api_key"], "reconcile.admin_api_key", secret=True)
+            if "${" in admin_key and not _ENV_RE.match(admin_key):
+                message = "use exactly '${VAR_NAME}' to read it from the environment"
+                raise ctx.fail("reconcile.admin_api_key", rec["admin_api_key"], message)
+        base_url = None
+        if "base_url" in rec:
+            base_url = ctx.string(rec["base_url"], "reconcile.base_url").rstrip("/")
+            if not _URL_RE.match(base_url):
+                raise ctx.fail("reconcile.base_url", rec["base_url"], "must be a URL like https://api.anthropic.com")
+        kw["reconcile"] = ReconcileSettings(admin_api_key=admin_key, base_url=base_url)
 
     return Config(path=path, **kw)

@@ -76,6 +76,7 @@ class Received:
     headers: dict[str, str]
     raw_headers: list[tuple[str, str]]
     body: bytes
+    at: float = field(default_factory=time.time)  # when it arrived (epoch seconds)
 
 
 class _Server(ThreadingHTTPServer):
@@ -88,6 +89,7 @@ class FakeUpstream:
         self.received: dict[str, Received] = {}
         self.sent: dict[str, bytes | bytearray] = {}
         self.order: list[str] = []
+        self.admin: Any = None  # tests/fake_admin.py attaches Anthropic's Admin API (/v1/organizations/...) here
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"fake": self})
@@ -277,6 +279,8 @@ class _Handler(BaseHTTPRequestHandler):
                 body=body,
             ),
         )
+        if self.fake.admin is not None and self.path.startswith("/v1/organizations/"):
+            return self.fake.admin.handle(self, rid)
         try:
             req = json.loads(body) if body else {}
             if not isinstance(req, dict):
