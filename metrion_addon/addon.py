@@ -252,6 +252,8 @@ class Metrion:
             return
         for name in decision.remove_headers:
             req.headers.pop(name, None)
+        for name in {n for n, v in req.headers.items(multi=True) if decision.proxy_token and decision.proxy_token in v}:
+            del req.headers[name]  # a client that copied its proxy token into another header: it stays here
         for name, value in decision.set_headers.items():
             req.headers[name] = value
         flow.response = None  # admitted

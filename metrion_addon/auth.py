@@ -24,6 +24,7 @@ class AuthOk:
     mode: str  # "managed" | "passthrough"
     set_headers: dict[str, str]  # headers to set upstream (managed: the real key)
     remove_headers: tuple[str, ...]  # headers to drop before forwarding (besides every x-metrion-*)
+    proxy_token: str = ""  # the proxy token presented: no header that holds it goes upstream
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Authenticator:
                 set_headers={"x-api-key": account.anthropic_api_key},
                 # Any Authorization header goes too: upstream must see only the account's key.
                 remove_headers=("authorization",),
+                proxy_token=credential,
             )
 
         # Pass-through: the client's own key/bearer goes upstream untouched, the account comes from the header.
@@ -80,7 +82,9 @@ class Authenticator:
                 return AuthError("invalid x-metrion-token: it is not configured in this metrion proxy")
             if not account.allow_passthrough:
                 return AuthError(f"account {account.name!r} does not allow pass-through; use its proxy token")
-            return AuthOk(account=account, mode="passthrough", set_headers={}, remove_headers=())
+            return AuthOk(
+                account=account, mode="passthrough", set_headers={}, remove_headers=(), proxy_token=metrion_token
+            )
 
         return AuthError(
             "missing credentials: send a proxy token (sk-metrion-...) as x-api-key or Authorization: Bearer, "
