@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 from dataclasses import dataclass
@@ -31,10 +32,9 @@ def request_bytes(
 def send_raw(port: int, data: bytes, timeout: float = 20) -> RawResponse:
     """Send `data` on a new connection and read one response (or the connection closing)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        try:
+        # The proxy may close the connection before reading everything: then read what it said, if anything.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             s.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the proxy closed the connection before reading everything: read what it said, if anything
         return read_response(s)
 
 
