@@ -14,7 +14,7 @@ import time
 
 from mitmproxy import connection, ctx, exceptions, http
 
-from metrion_addon import mitm_errors
+from metrion_addon import mitm_errors, record
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
 from metrion_addon.budget import Budgets, file_clock, response_headers
 from metrion_addon.config import Config, ConfigError, load_config
@@ -239,6 +239,7 @@ class Metrion:
         p.client = clean_label(req.headers.get("user-agent"))
         p.session_id = clean_label(req.headers.get("x-claude-code-session-id"))
         p.user = clean_label(req.headers.get(USER_HEADER))
+        p.retry_count, p.request_key = record.attempt_headers(req.headers)
 
         bad = malformed_headers(req.headers)
         decision = self.auth.authenticate(req.headers) if bad is None else AuthError(bad[2], bad[0], bad[1])
@@ -364,6 +365,7 @@ class Metrion:
                 p.facts.parse_errors += 1
             if body:
                 p.facts.from_json_body(body)
+                p.counted_tokens = record.counted_tokens(p.path, resp.status_code, body)
         self._record(
             flow,
             p,

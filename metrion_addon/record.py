@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from metrion_addon.pricing import Priced, Pricer
+from metrion_addon.pricing import COUNT_TOKENS_PATH, Priced, Pricer
 from metrion_addon.text import clean_text
 from metrion_addon.usage import JsonTap, ResponseFacts, StreamTap
 
@@ -50,6 +50,28 @@ def request_model(body: bytes, content_type: str) -> str | None:
     return clean_text(model, MODEL_MAX) if isinstance(model, str) else None
 
 
+def attempt_headers(headers: Any) -> tuple[int | None, str | None]:
+    """(retry count, request key) a client sent: the SDKs' `x-stainless-retry-count` (0 on the first attempt, N
+    on the Nth retry), and a key that stays the same across the attempts of one call when the client sends one
+    (`idempotency-key`, else `x-client-request-id`). Anything not a small number is no retry count."""
+    raw = (headers.get("x-stainless-retry-count") or "").strip()
+    retry = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 6 else None
+    key = headers.get("idempotency-key") or headers.get("x-client-request-id")
+    return retry, clean_label(key)
+
+
+def counted_tokens(path: str, status: int, body: bytes | None) -> int | None:
+    """The number a count_tokens answer counted (`{"input_tokens": N}`): kept, never billed or summed as input."""
+    if path != COUNT_TOKENS_PATH or not 200 <= status < 300 or not body:
+        return None
+    try:
+        obj = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    n = obj.get("input_tokens") if isinstance(obj, dict) else None
+    return n if type(n) is int and 0 <= n < 2**63 else None
+
+
 @dataclass
 class Pending:
     """One request in flight."""
@@ -63,6 +85,9 @@ class Pending:
     mode: str | None = None
     client: str | None = None
     session_id: str | None = None
+    retry_count: int | None = None
+    request_key: str | None = None
+    counted_tokens: int | None = None
     local_error: str | None = None  # set when the proxy answered itself (e.g. authentication_error)
     local_message: str | None = None
     status: int | None = None  # from the response headers, once they arrived
@@ -127,6 +152,9 @@ def finish(
         "stop_reason": clean_text(f.stop_reason),
         "client": p.client,
         "session_id": p.session_id,
+        "retry_count": p.retry_count,
+        "request_key": p.request_key,
+        "counted_tokens": p.counted_tokens,
         "response_model": clean_text(f.model, MODEL_MAX),
         "usage_json": json.dumps(f.raw_usage, separators=(",", ":")) if f.raw_usage is not None else None,
         **priced.columns(),

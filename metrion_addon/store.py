@@ -69,9 +69,16 @@ _V1_COLUMNS: dict[str, type] = {
     "session_id": str,
     "usage_json": str,  # the raw usage object as received (for audits and repricing; holds no secrets)
 }
+# Added by _m003_attempts.
+_ATTEMPT_COLUMNS: dict[str, type] = {
+    "retry_count": int,  # the SDK's x-stainless-retry-count: 0 first attempt, N the Nth retry; NULL: not sent
+    "request_key": str,  # the client's idempotency-key (or x-client-request-id): the same on every attempt
+    "counted_tokens": int,  # count_tokens answers: the number counted (never billed, never in input_tokens)
+}
 COLUMNS: dict[str, type] = {
     **_V1_COLUMNS,
     "response_model": str,  # the model the response named (what was billed; repricing uses it)
+    **_ATTEMPT_COLUMNS,
 }
 INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
 _INT64 = range(-(2**63), 2**63)
@@ -146,7 +153,13 @@ def _m002_response_model(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("response_model", str)  # type: ignore[union-attr]
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_requests, _m002_response_model]
+def _m003_attempts(db: sqlite_utils.Database) -> None:
+    """Attempts vs calls (the SDK's retry count, the client's request key) and count_tokens' counted number."""
+    for name, kind in _ATTEMPT_COLUMNS.items():
+        db["requests"].add_column(name, kind)  # type: ignore[union-attr]
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_requests, _m002_response_model, _m003_attempts]
 
 
 def connect(path: Path) -> sqlite3.Connection:
