@@ -59,7 +59,7 @@ REQUIRED_COLUMNS = frozenset(  # what this report reads; a database without them
     + ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
     + ("cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens", "web_search_requests")
     + ("cost_usd", "cost_input_usd", "cost_output_usd", "cost_cache_write_usd", "cost_cache_read_usd")
-    + ("cost_tools_usd",)
+    + ("cost_tools_usd", "retry_count")
 )
 _MAX_TS = "\U0010ffff"  # sorts after any stored timestamp
 _MONEY_DIGITS = 10  # float sums are rounded here, so JSON/CSV carry no float noise
@@ -328,8 +328,13 @@ MEASURES: dict[str, str] = {
     "cache_read_input_tokens": _isum("cache_read_input_tokens"),
     "cost_usd": "TOTAL(r.cost_usd)",
 }
+# Attempts vs calls: every row is an attempt; an SDK retry (x-stainless-retry-count > 0) is another attempt of a
+# call already counted, and each retried call has exactly one attempt with retry count 1.
+_RETRIES = "COUNT(CASE WHEN r.retry_count > 0 THEN 1 END)"
+CALL_MEASURES = {"calls": f"COUNT(*) - {_RETRIES}", "retried_calls": "COUNT(CASE WHEN r.retry_count = 1 THEN 1 END)"}
 SUMMARY_MEASURES: dict[str, str] = {
     **MEASURES,
+    **CALL_MEASURES,
     "cache_creation_5m_input_tokens": _isum("cache_creation_5m_input_tokens"),
     "cache_creation_1h_input_tokens": _isum("cache_creation_1h_input_tokens"),
     "web_search_requests": _isum("web_search_requests"),
@@ -481,6 +486,8 @@ def chart_rows(conn: sqlite3.Connection, opts: Options, period: str, measures: d
 
 SUMMARY_FIELDS = [
     "requests",
+    "calls",
+    "retried_calls",
     "errors",
     "unpriced_requests",
     "input_tokens",
@@ -542,7 +549,9 @@ def view_summary(conn: sqlite3.Connection, opts: Options) -> Report:
     if s["first_ts"]:
         facts.add_row("First request", show_time(s["first_ts"], opts.utc))
         facts.add_row("Last request", show_time(s["last_ts"], opts.utc))
-    facts.add_row("Requests", fmt_int(s["requests"]))
+    facts.add_row("Requests (attempts)", fmt_int(s["requests"]))
+    facts.add_row("Calls (SDK retries not counted)", fmt_int(s["calls"]))
+    facts.add_row("Retried calls", fmt_int(s["retried_calls"]))
     facts.add_row("Errors", fmt_int(s["errors"]))
     facts.add_row("Unpriced", Text(fmt_int(s["unpriced_requests"]), style="yellow" if s["unpriced_requests"] else ""))
     facts.add_row("Cache hit ratio", fmt_pct(s["cache_hit_ratio"]) or "n/a")
@@ -654,7 +663,11 @@ def view_top(conn: sqlite3.Connection, opts: Options) -> Report:
     return Report("top", TOP_FIELDS, rows, total, [o for o in out if o is not None])
 
 
-ERROR_MEASURES = {k: v for k, v in MEASURES.items() if k != "errors"}
+ERROR_MEASURES = {
+    **{k: v for k, v in MEASURES.items() if k != "errors"},
+    "calls": CALL_MEASURES["calls"],
+    "retries": _RETRIES,  # attempts that were SDK retries of a call counted before
+}
 
 
 def view_errors(conn: sqlite3.Connection, opts: Options) -> Report:
@@ -672,21 +685,21 @@ def view_errors(conn: sqlite3.Connection, opts: Options) -> Report:
     total = sum_rows(rows, list(ERROR_MEASURES))
     t = _table(
         f"Errors · {_scope(opts)}",
-        ["error", "status", "requests", *TOKEN_HEADERS, "cost"],
+        ["error", "status", "requests", "calls", "retries", *TOKEN_HEADERS, "cost"],
         1,
     )
     for r in rows:
         t.add_row(
             r["error"],
             "" if r["status"] is None else str(r["status"]),
-            *(fmt_int(r[k]) for k in ["requests", *TOKENS]),
+            *(fmt_int(r[k]) for k in ["requests", "calls", "retries", *TOKENS]),
             _cost_cell(r),
         )
     t.add_section()
     t.add_row(
         "Total",
         "",
-        *(fmt_int(total[k]) for k in ["requests", *TOKENS]),
+        *(fmt_int(total[k]) for k in ["requests", "calls", "retries", *TOKENS]),
         _cost_cell(total),
         style="bold",
     )

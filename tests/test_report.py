@@ -197,6 +197,8 @@ def test_summary_numbers(capsys: pytest.CaptureFixture[str], db: Path) -> None:
     assert doc["rows"] == [
         {
             "requests": 11,
+            "calls": 11,  # no retries in this data
+            "retried_calls": 0,
             "errors": 2,
             "unpriced_requests": 1,
             "input_tokens": 1830,
@@ -359,6 +361,8 @@ def test_errors(capsys: pytest.CaptureFixture[str], db: Path) -> None:
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
             "cost_usd": 0.00105,
+            "calls": 1,
+            "retries": 0,
         },
         {
             "error": "overloaded_error",
@@ -370,6 +374,8 @@ def test_errors(capsys: pytest.CaptureFixture[str], db: Path) -> None:
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": 0,
             "cost_usd": 0.0,
+            "calls": 1,
+            "retries": 0,
         },
     ]
     assert doc["total"]["requests"] == 2 and doc["total"]["cost_usd"] == 0.00105
