@@ -14,7 +14,7 @@ import time
 
 from mitmproxy import connection, ctx, exceptions, http
 
-from metrion_addon import mitm_errors, record
+from metrion_addon import mitm_errors, ops, record
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
 from metrion_addon.budget import Budgets, file_clock, response_headers
 from metrion_addon.config import Config, ConfigError, load_config
@@ -104,6 +104,7 @@ class Metrion:
         self.budgets: Budgets | None = None
         self._pending: dict[str, Pending] = {}
         self._client_of: dict[str, str] = {}  # flow id -> client connection id, for flows mitmproxy drops
+        self.ops = ops.Service()  # health, probes, metrics, request logs
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option(
@@ -124,6 +125,7 @@ class Metrion:
             "",
             "Testing only: a file holding the current time (epoch seconds) for budget periods.",
         )
+        ops.Service.add_options(loader)
         mitm_errors.install()
 
     def configure(self, updated: set[str]) -> None:
@@ -154,6 +156,10 @@ class Metrion:
         self.config, self.store, self.budgets = config, store, budgets
         self.auth = Authenticator(config.accounts)
         self.pricer = Pricer(config.price_overrides)
+        try:
+            self.ops.configure(ctx.options, config, store, budgets, self.pricer)
+        except ValueError as e:
+            raise exceptions.OptionsError(f"metrion: {e}") from None
         log.info(
             "metrion: %d account(s) from %s, recording to %s",
             len(config.accounts),
@@ -182,6 +188,7 @@ class Metrion:
         if self.store is not None:
             self.store.close()
             self.store = None
+        self.ops.close()
 
     def client_disconnected(self, client: connection.Client) -> None:
         """Flows of this client that got neither `response` nor `error`: mitmproxy gave up on the connection
@@ -210,6 +217,8 @@ class Metrion:
         # Refused until admitted: if anything below raises, this answer stands and nothing goes upstream.
         flow.response = http.Response.make(500, json.dumps(error_body("api_error", "metrion proxy error")))
         try:
+            if self.ops.answer_probe(flow):  # exactly GET|HEAD / and /-/health: answered here, never recorded
+                return
             self._admit(flow)
         except Exception:
             log.exception("metrion: error while checking a request; it was refused, not forwarded")
@@ -239,6 +248,10 @@ class Metrion:
         p.client = clean_label(req.headers.get("user-agent"))
         p.session_id = clean_label(req.headers.get("x-claude-code-session-id"))
         p.user = clean_label(req.headers.get(USER_HEADER))
+        if ops.reserved(p.path):
+            msg = f"{p.path[:64]!r}: paths under {ops.RESERVED_PREFIX} are the proxy's own (see {ops.HEALTH_PATH})"
+            self._answer(flow, p, 404, "not_found_error", msg)
+            return
         p.retry_count, p.request_key = record.attempt_headers(req.headers)
 
         bad = malformed_headers(req.headers)
@@ -431,6 +444,7 @@ class Metrion:
                 "error": "metrion_internal_error",
             }
         self.store.put(row)
+        self.ops.observe(row)  # metrics and the request log, on the observer thread
         if self.budgets is not None:
             self.budgets.add(row.get("account"), row.get("user"), row.get("cost_usd"))
 

@@ -86,6 +86,8 @@ class Config:
     price_overrides: tuple[PriceOverride, ...] = ()
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    metrics_listen: tuple[str, int] | None = None  # (host, port) of the Prometheus listener; None: off
+    metrics_users: tuple[str, ...] = ()  # user labels that get their own metrics label; all others are `other`
 
 
 def hash_token(token: str) -> bytes:
@@ -243,6 +245,8 @@ _TOP_KEYS = (
     "budget_timezone",
     "block_unknown_models",
     "reconcile",
+    "metrics_listen",
+    "metrics_users",
 )
 _ACCOUNT_KEYS = ("name", "tokens", "anthropic_api_key", "allow_passthrough", "budget", "user_budget", "user_budgets")
 _LIMIT_KEYS = ("usd", "enforce")
@@ -414,4 +418,24 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
                 raise ctx.fail("reconcile.base_url", rec["base_url"], "must be a URL like https://api.anthropic.com")
         kw["reconcile"] = ReconcileSettings(admin_api_key=admin_key, base_url=base_url)
 
+    _metrics(ctx, top, kw)
     return Config(path=path, **kw)
+
+
+_LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+)):(?P<port>\d{1,5})$")
+
+
+def _metrics(ctx: _Ctx, top: dict[str, _Node], kw: dict[str, Any]) -> None:
+    """`metrics_listen: 127.0.0.1:9464` (off when absent) and `metrics_users: [alice, bob]`."""
+    if "metrics_listen" in top and top["metrics_listen"].value is not None:
+        node = top["metrics_listen"]
+        m = _LISTEN_RE.match(ctx.string(node, "metrics_listen"))
+        port = int(m.group("port")) if m else 0
+        if m is None or not 1 <= port <= 65535:
+            raise ctx.fail("metrics_listen", node, "must be HOST:PORT, e.g. 127.0.0.1:9464 or [::1]:9464")
+        if port == kw.get("listen_port", 8080):
+            raise ctx.fail("metrics_listen", node, "must not be the proxy's port (metrics have their own listener)")
+        kw["metrics_listen"] = (m.group("v6") or m.group("host"), port)
+    if "metrics_users" in top:
+        nodes = ctx.sequence(top["metrics_users"], "metrics_users")
+        kw["metrics_users"] = tuple(ctx.string(u, f"metrics_users[{i}]") for i, u in enumerate(nodes))

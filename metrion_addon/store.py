@@ -229,6 +229,7 @@ class Store:
         self._backlog: deque[dict[str, Any]] = deque()
         self._thread = threading.Thread(target=self._run, name="metrion-writer", daemon=True)
         self._failing_since: float | None = None
+        self.busy_since: float | None = None  # monotonic start of the write in progress (health: a stuck write)
         self._stop_seen = False
         self._closing = threading.Event()  # cuts the writer's pause short at shutdown
 
@@ -241,6 +242,11 @@ class Store:
 
     def pending(self) -> int:
         return self._queue.qsize() + len(self._backlog)
+
+    @property
+    def failing(self) -> bool:
+        """The last write failed (the database is locked, full, read-only...) and has not succeeded since."""
+        return self._failing_since is not None
 
     def close(self, timeout: float = 15.0) -> None:
         """Stop the writer after it has written everything it can within `timeout` seconds."""
@@ -262,11 +268,13 @@ class Store:
             self._drain(block=not self._backlog and not stopping)
             stopping = stopping or self._stop_seen
             if self._backlog:
+                self.busy_since = time.monotonic()
                 try:
                     if conn is None:
                         conn = connect(self.path)
                     self._write(conn)
                 except Exception as e:  # noqa: BLE001 - the writer thread must outlive any one failure
+                    self.busy_since = None
                     self._failed(e)
                     if conn is not None:
                         with contextlib.suppress(Exception):
@@ -276,6 +284,7 @@ class Store:
                         break
                     time.sleep(0.2 if not stopping else 0.05)
                     continue
+                self.busy_since = None
                 if not stopping and self._queue.empty():
                     # Light load: let rows gather for one flush interval, so they share a transaction
                     # instead of each paying for a commit (the benchmark measured that cost per request).
