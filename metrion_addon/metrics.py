@@ -172,6 +172,7 @@ class Metrics:
             registry=r,
         )
         self._server: Any = None
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def add_state(self, store: Any, budgets: Callable[[], list[tuple[dict[str, str], float]]]) -> None:
         self.registry.register(_StateCollector(store, budgets))
@@ -181,22 +182,30 @@ class Metrics:
         lb = self.labels
         account, user, model = lb.account(row.get("account")), lb.user(row.get("user")), lb.model(row.get("model"))
         status, error = status_label(row.get("status")), error_label(row.get("error"))
-        self.requests.labels(account, user, model, status, error).inc()
+        self._child(self.requests, account, user, model, status, error).inc()
         for kind, column in TOKEN_KINDS.items():
             n = row.get(column)
             if type(n) is int and n > 0:
-                self.tokens.labels(account, user, model, kind).inc(n)
+                self._child(self.tokens, account, user, model, kind).inc(n)
         cost = row.get("cost_usd")
         if isinstance(cost, int | float) and cost >= 0:
-            self.cost.labels(account, user, model).inc(cost)
+            self._child(self.cost, account, user, model).inc(cost)
         elif cost is None and row.get("account") is not None and row.get("status") is not None:
-            self.unpriced.labels(account, model).inc()
+            self._child(self.unpriced, account, model).inc()
         latency = row.get("latency_ms")
         if isinstance(latency, int | float) and latency >= 0:
-            self.latency.labels(account, model).observe(latency / 1000)
+            self._child(self.latency, account, model).observe(latency / 1000)
         ttft = row.get("ttft_ms")
         if isinstance(ttft, int | float) and ttft >= 0 and row.get("status") is not None:
-            self.ttft.labels(account, model).observe(ttft / 1000)
+            self._child(self.ttft, account, model).observe(ttft / 1000)
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        """metric.labels(*values), remembered: the label values are bounded, and the lookup is half the cost."""
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def serve(self, host: str, port: int) -> None:
         self._server, _ = start_http_server(port, addr=host, registry=self.registry)
