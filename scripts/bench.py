@@ -598,6 +598,11 @@ def measure_writer(tmp: Path, rows: int, burst: int) -> dict[str, float]:
     out["burst_peak_depth"] = peak
     out["burst_rows"] = burst
     store.close()
+
+    from bench_metrics import measure as measure_metrics  # scripts/bench_metrics.py (issue 14)
+
+    m = measure_metrics()
+    out.update(metrics_loop_ns=m["loop_ns"], metrics_busy_ns=m["busy_ns"], metrics_thread_us=m["metrics_us"])
     return out
 
 
@@ -912,6 +917,11 @@ def build_table(res: Results) -> tuple[list[list[str]], list[tuple[str, str, str
         w = res.writer
         rows.append(["SQLite writer alone: rows/s sustained", "", fmt(w["rows_per_s"], 0), "", str(TARGETS["writer"])])
         rows.append(["SQLite writer: put() cost per row", "", f"{fmt(w['put_us'])} µs", "", ""])
+        if "metrics_loop_ns" in w:
+            loop = f"{fmt(w['metrics_loop_ns'], 0)} ns ({fmt(w['metrics_busy_ns'], 0)} ns with the observer busy)"
+            rows.append(["metrics + request log: event-loop cost per request", "", loop, "", "< 1 µs"])
+            thread = f"{fmt(w['metrics_thread_us'], 1)} µs"
+            rows.append(["metrics: observer-thread CPU per request", "", thread, "", ""])
         rows.append(["SQLite writer: rows dropped (sustained run)", "", fmt(w["dropped"], 0), "", "0"])
         rows.append(
             [

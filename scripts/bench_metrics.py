@@ -53,32 +53,39 @@ def per_call_ns(fn, n: int) -> float:  # type: ignore[no-untyped-def]
     return best
 
 
+def measure(n: int = 200_000) -> dict[str, float]:
+    """ns per request on the event loop (alone, and with the observer busy), µs per row on the observer."""
+    logging.getLogger("metrion.requests").disabled = True  # the log line's formatting is measured separately
+    try:
+        # Event loop side: the call addon.py makes per request, with the observer thread not consuming.
+        service = Service()
+        service.observer = Observer(None, None, "off", 0)  # not started: the queue only grows
+        loop_ns = per_call_ns(service.observe, n)
+
+        # The same call while the observer thread updates the metrics (the GIL is shared: the realistic case).
+        metrics = Metrics(Labels(["acme"], ["alice"], lambda m: True))
+        service.observer = Observer(metrics, None, "off", 0).start()
+        t0 = time.perf_counter_ns()
+        for _ in range(n):
+            service.observe(ROW)
+        busy_ns = (time.perf_counter_ns() - t0) / n
+        service.close()
+
+        # Observer thread side, per row.
+        metrics_us = per_call_ns(metrics.observe, n // 4) / 1000
+        line_us = per_call_ns(request_line, n // 4) / 1000
+    finally:
+        logging.getLogger("metrion.requests").disabled = False
+    return {"loop_ns": loop_ns, "busy_ns": busy_ns, "metrics_us": metrics_us, "line_us": line_us}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200_000)
-    n = ap.parse_args().n
-    logging.getLogger("metrion.requests").disabled = True  # the log line's formatting is measured separately
-
-    # Event loop side: the call addon.py makes per request, with the observer thread not consuming.
-    service = Service()
-    service.observer = Observer(None, None, "off", 0)  # not started: the queue only grows
-    loop_ns = per_call_ns(service.observe, n)
-
-    # The same call while the observer thread updates the metrics (the GIL is shared: the realistic case).
-    metrics = Metrics(Labels(["acme"], ["alice"], lambda m: True))
-    service.observer = Observer(metrics, None, "off", 0).start()
-    t0 = time.perf_counter_ns()
-    for _ in range(n):
-        service.observe(ROW)
-    busy_ns = (time.perf_counter_ns() - t0) / n
-    service.close()
-
-    # Observer thread side, per row.
-    metrics_ns = per_call_ns(metrics.observe, n // 4)
-    line_ns = per_call_ns(request_line, n // 4)
-    print(f"event loop, per request: {loop_ns:.0f} ns (SimpleQueue.put via ops.Service.observe)")
-    print(f"event loop, per request, observer thread busy with metrics: {busy_ns:.0f} ns")
-    print(f"observer thread, per request: metrics {metrics_ns / 1000:.1f} us, text log line {line_ns / 1000:.1f} us")
+    m = measure(ap.parse_args().n)
+    print(f"event loop, per request: {m['loop_ns']:.0f} ns (SimpleQueue.put via ops.Service.observe)")
+    print(f"event loop, per request, observer thread busy with metrics: {m['busy_ns']:.0f} ns")
+    print(f"observer thread, per request: metrics {m['metrics_us']:.1f} us, text log line {m['line_us']:.1f} us")
 
 
 if __name__ == "__main__":
