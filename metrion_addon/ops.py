@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -91,6 +92,17 @@ class Health:
             "spooling": False,
         }
         return (200 if healthy else 503), body
+
+
+# Rows hold no secrets by design; a client that pastes a credential into a label (User-Agent, x-metrion-user)
+# is still kept out of the logs: any value that looks like an Anthropic key or a proxy token is masked.
+_CREDENTIAL_RE = re.compile(r"sk-(?:ant|metrion)-", re.IGNORECASE)
+REDACTED = "<redacted by metrion>"
+
+
+def loggable(row: dict[str, Any]) -> dict[str, Any]:
+    """The row as logged: the same fields, credential-looking values masked."""
+    return {k: REDACTED if isinstance(v, str) and _CREDENTIAL_RE.search(v) else v for k, v in row.items()}
 
 
 def request_line(row: dict[str, Any]) -> str:
@@ -186,9 +198,9 @@ class Observer:
             if self.metrics is not None:
                 self.metrics.observe(row)
             if self.log_format == "text":
-                request_log.info(request_line(row))
+                request_log.info(request_line(loggable(row)))
             elif self.log_format == "json":
-                request_log.info(json.dumps(row, separators=(",", ":"), default=str))
+                request_log.info(json.dumps(loggable(row), separators=(",", ":"), default=str))
         except Exception:  # noqa: BLE001 - the observer must outlive any one row
             log.exception("metrion: failed to observe a request row")
         finally:

@@ -310,7 +310,7 @@ def test_count_tokens_keeps_counted_number(ops_proxy: tuple[Proxy, int], fake: F
 def test_json_request_log_and_summary(ops_proxy: tuple[Proxy, int]) -> None:
     proxy, _ = ops_proxy
     rid = (
-        sdk(proxy)
+        sdk(proxy, default_headers={"user-agent": f"pasted {MANAGED_TOKEN} by mistake"})
         .messages.with_raw_response.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
         .headers["request-id"]
     )
@@ -327,5 +327,6 @@ def test_json_request_log_and_summary(ops_proxy: tuple[Proxy, int]) -> None:
         k: row[k] for k in ("request_id", "account", "model", "status", "cost_usd", "input_tokens")
     }
     until(lambda: "metrion: summary (last 1s)" in proxy.log.read_text(errors="replace"), what="a summary line")
+    assert entry["client"] == "<redacted by metrion>"
     text = proxy.log.read_text(errors="replace")
     assert not [s for s in SECRETS if s in text]
