@@ -6,6 +6,7 @@ import argparse
 import ipaddress
 import sys
 from pathlib import Path
+from typing import Any
 
 from metrion_addon.config import ConfigError, load_config
 from metrion_addon.store import migrate
@@ -13,18 +14,28 @@ from metrion_addon.store import migrate
 SHIM = Path(__file__).with_name("mitm_script.py")
 
 
+def proxy_options(config_path: Path, upstream: str, host: str, port: int) -> dict[str, Any]:
+    """The options both ways of running share (lean master and full mitmdump)."""
+    return {
+        "mode": [f"reverse:{upstream}@{host}:{port}"],
+        "metrion_config": str(config_path),
+        "connection_strategy": "lazy",  # an unreachable upstream then gives the client a 502 and us a record
+    }
+
+
 def mitmdump_args(config_path: Path, upstream: str, host: str, port: int, extra: list[str]) -> list[str]:
+    opts = proxy_options(config_path, upstream, host, port)
     return [
         "--mode",
-        f"reverse:{upstream}@{host}:{port}",
+        opts["mode"][0],
         "-s",
         str(SHIM),
         "--set",
-        f"metrion_config={config_path}",
+        f"metrion_config={opts['metrion_config']}",
         "--set",
-        "connection_strategy=lazy",  # an unreachable upstream then gives the client a 502 and us a record
+        f"connection_strategy={opts['connection_strategy']}",
         "--set",
-        "flow_detail=0",  # mitmproxy's own flow output off: it could print headers; metrion logs one line each
+        "flow_detail=0",  # mitmproxy's own flow output off: it could print headers
         *extra,
     ]
 
@@ -41,13 +52,18 @@ def _is_loopback(host: str) -> bool:
 def proxy_main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(
         prog="metrion-proxy",
-        description="Run the metrion metering proxy (mitmdump in reverse mode with the metrion addon).",
-        epilog="Arguments after '--' go to mitmdump unchanged.",
+        description="Run the metrion metering proxy: a lean mitmproxy in reverse mode with the metrion addon.",
+        epilog="After '--': mitmproxy options as --set NAME=VALUE (and -q/-v); with --full, any mitmdump argument.",
     )
     ap.add_argument("-c", "--config", default="config.yaml", help="YAML config file (default: config.yaml)")
     ap.add_argument("--listen-host", help="override listen_host from the config")
     ap.add_argument("--listen-port", type=int, help="override listen_port from the config")
     ap.add_argument("--check", action="store_true", help="validate the config and exit")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="run mitmdump with all its addons (and every mitmdump option after --) instead of the lean proxy",
+    )
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
     if "--" in argv:
@@ -79,13 +95,21 @@ def proxy_main(argv: list[str] | None = None) -> None:
             "a proxy token can spend your accounts' money",
             file=sys.stderr,
         )
-    print(
-        f"metrion-proxy: http://{host}:{port} -> {config.upstream}, recording to {config.database}",
-        file=sys.stderr,
-    )
-    from mitmproxy.tools.main import mitmdump
+    banner = f"metrion-proxy: http://{host}:{port} -> {config.upstream}, recording to {config.database}"
+    if args.full:
+        from mitmproxy.tools.main import mitmdump
 
-    mitmdump(mitmdump_args(config.path, config.upstream, host, port, extra))
+        print(banner, file=sys.stderr)
+        mitmdump(mitmdump_args(config.path, config.upstream, host, port, extra))
+        return
+    from metrion_addon import proxy
+
+    try:
+        specs = proxy.parse_extra(extra)
+    except proxy.ArgumentError as e:
+        print(f"metrion-proxy: {e}", file=sys.stderr)
+        sys.exit(2)
+    proxy.run(proxy_options(config.path, config.upstream, host, port), specs, banner)
 
 
 if __name__ == "__main__":
