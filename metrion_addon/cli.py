@@ -1,8 +1,15 @@
-"""`metrion-proxy`: validate the config, then run mitmdump in reverse mode with the addon and safe defaults."""
+"""The `metrion` command and its subcommands, and `metrion proxy` itself.
+
+`metrion proxy|report|reprice|reconcile ...` runs the same code as the `metrion-proxy`, `metrion-report`,
+`metrion-reprice` and `metrion-reconcile` commands, which stay as aliases. `metrion proxy` validates the config
+and the database before the port opens, then serves with the lean master (metrion_addon/proxy.py) or, with
+`--full`, mitmdump.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
 import sys
 from pathlib import Path
@@ -112,5 +119,34 @@ def proxy_main(argv: list[str] | None = None) -> None:
     proxy.run(proxy_options(config.path, config.upstream, host, port), specs, banner)
 
 
+SUBCOMMANDS = {
+    "proxy": ("metrion_addon.cli:proxy_main", "run the metering proxy"),
+    "report": ("metrion_addon.report:main", "cost reports from the database (read-only)"),
+    "reprice": ("metrion_addon.reprice:main", "recompute stored costs after a price change"),
+    "reconcile": ("metrion_addon.reconcile_cli:main", "compare the meter with Anthropic's usage and cost reports"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`metrion SUBCOMMAND ...`: each subcommand is loaded only when used (the proxy never imports the report)."""
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(
+        prog="metrion",
+        description="Self-hosted cost meter for Anthropic API traffic.",
+        epilog="Run 'metrion SUBCOMMAND --help' for a subcommand's options.",
+    )
+    ap.add_argument(
+        "subcommand", choices=list(SUBCOMMANDS), help=", ".join(f"{k}: {v[1]}" for k, v in SUBCOMMANDS.items())
+    )
+    ap.add_argument("args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    if not argv:
+        ap.print_help(sys.stderr)
+        return 2
+    args = ap.parse_args(argv[:1])
+    module, _, func = SUBCOMMANDS[args.subcommand][0].partition(":")
+    result = getattr(importlib.import_module(module), func)(argv[1:])
+    return int(result or 0)
+
+
 if __name__ == "__main__":
-    proxy_main()
+    sys.exit(main())

@@ -203,12 +203,16 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _expand_env(ctx: _Ctx, node: _Node, where: str, env: dict[str, str]) -> str:
+def _expand_env(ctx: _Ctx, node: _Node, where: str, env: dict[str, str] | None) -> str:
+    """A secret's value: the literal, or the named environment variable. With `env=None` (secrets not
+    resolved) a `${VAR}` reference is returned as written."""
     raw = ctx.string(node, where, secret=True)
     m = _ENV_RE.match(raw)
     if not m:
         if "${" in raw:
             raise ctx.fail(where, node, "use exactly '${VAR_NAME}' to read a secret from the environment")
+        return raw
+    if env is None:
         return raw
     value = env.get(m.group(1))
     if not value:
@@ -287,9 +291,17 @@ def _account_budgets(ctx: _Ctx, acc: dict[str, _Node], where: str) -> AccountBud
     )
 
 
-def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
-    """Read and validate the config file; raise ConfigError with one clear message on any problem."""
-    env = dict(os.environ) if env is None else env
+def load_config(
+    path: str | os.PathLike[str], env: dict[str, str] | None = None, *, resolve_secrets: bool = True
+) -> Config:
+    """Read and validate the config file; raise ConfigError with one clear message on any problem.
+
+    `resolve_secrets=False` is for the commands that read the config but never use its secrets (report,
+    reprice): `${VAR}` references stay as written and need not be set."""
+    if not resolve_secrets:
+        env = None
+    elif env is None:
+        env = dict(os.environ)
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
@@ -300,7 +312,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     return parse_config(text, p.resolve(), env)
 
 
-def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
+def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
     ctx = _Ctx(str(path))
     root = _parse_yaml(text, str(path))
     if root is None:

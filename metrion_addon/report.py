@@ -861,12 +861,8 @@ def read_config(config: str | None) -> Config | None:
         return None
     from metrion_addon.config import ConfigError, load_config
 
-    class _NoSecrets(dict[str, str]):  # the report needs no secrets: ${VARS} need not be set to read `database`
-        def get(self, key: str, default: Any = None) -> str:  # type: ignore[override]
-            return "unused-by-metrion-report"
-
-    try:
-        return load_config(config or "config.yaml", env=_NoSecrets())
+    try:  # the report needs no secrets: ${VARS} need not be set to read `database`
+        return load_config(config or "config.yaml", resolve_secrets=False)
     except ConfigError as e:
         raise ReportError(f"config error: {e}", EXIT_USAGE) from None
 
