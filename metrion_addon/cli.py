@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from metrion_addon.config import ConfigError, load_config
-from metrion_addon.store import migrate
+from metrion_addon.store import migrate, store_name
 
 SHIM = Path(__file__).with_name("mitm_script.py")
 
@@ -102,7 +102,7 @@ def proxy_main(argv: list[str] | None = None) -> None:
             "a proxy token can spend your accounts' money",
             file=sys.stderr,
         )
-    banner = f"metrion-proxy: http://{host}:{port} -> {config.upstream}, recording to {config.database}"
+    banner = f"metrion-proxy: http://{host}:{port} -> {config.upstream}, recording to {store_name(config)}"
     if args.full:
         from mitmproxy.tools.main import mitmdump
 

@@ -869,6 +869,12 @@ def read_config(config: str | None) -> Config | None:
 
 def resolve_db(db: str | None, config: Config | None) -> Path:
     """--db, else the config's `database`, else ./metrion.db."""
+    if db and db.startswith(("postgresql://", "postgres://")) or (not db and config and config.database_url):
+        raise ReportError(
+            "the report reads SQLite databases only for now; a PostgreSQL store can be reported on once its "
+            "rows are copied to a SQLite file",
+            EXIT_USAGE,
+        )
     if db:
         return Path(db).expanduser()
     return config.database if config is not None else Path("metrion.db")

@@ -42,6 +42,10 @@ def load_overrides(config_path: str | None) -> tuple[tuple[PriceOverride, ...], 
     if not config_path:
         return (), None
     config = load_config(config_path, resolve_secrets=False)
+    if config.database_url:
+        raise ConfigError(
+            f"{config.path}: reprice works on SQLite databases only for now (this config uses PostgreSQL)"
+        )
     return config.price_overrides, config.database
 
 
