@@ -124,6 +124,7 @@ SUBCOMMANDS = {
     "report": ("metrion_addon.report:main", "cost reports from the database (read-only)"),
     "reprice": ("metrion_addon.reprice:main", "recompute stored costs after a price change"),
     "reconcile": ("metrion_addon.reconcile_cli:main", "compare the meter with Anthropic's usage and cost reports"),
+    "db": ("metrion_addon.dbcopy:main", "database tools: copy rows between SQLite and PostgreSQL"),
 }
 
 

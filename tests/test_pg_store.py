@@ -206,3 +206,53 @@ def test_proxy_through_a_database_restart_loses_and_duplicates_nothing(
         stop_proxy(p)
     got = rows(url, "SELECT input_tokens FROM requests WHERE \"user\" = 'pg-load'")
     assert sorted(r["input_tokens"] for r in got) == list(range(n))  # 0 lost, 0 duplicated
+
+
+# --- metrion db copy --------------------------------------------------------------------------------------
+
+
+def test_db_copy_sqlite_to_postgresql_and_back_is_idempotent(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    from metrion_addon.cli import main
+    from metrion_addon.store import Store
+
+    src = tmp_path / "old.db"
+    s = Store(src)
+    s.start()
+    for i in range(120):
+        s.put(row(i, stream=i % 2, cost_usd=0.1 * i))
+    s.close()
+    with sqlite3.connect(src) as conn:  # rows from before row_id existed
+        conn.execute("UPDATE requests SET row_id = NULL WHERE id <= 20")
+    conn.close()
+
+    assert main(["db", "copy", str(src), url, "--quiet"]) == 0
+    assert "120 rows read, 120 new" in capsys.readouterr().out
+    assert main(["db", "copy", str(src), url, "--quiet"]) == 0  # again: nothing new, nothing doubled
+    assert "120 rows read, 0 new" in capsys.readouterr().out
+    assert len(rows(url)) == 120
+
+    back = tmp_path / "back.db"
+    assert main(["db", "copy", url, str(back), "--quiet"]) == 0
+    assert "120 rows read, 120 new" in capsys.readouterr().out
+    cols = "ts, account, user, stream, input_tokens, round(cost_usd, 9)"
+    with sqlite3.connect(src) as a, sqlite3.connect(back) as b:
+        assert (
+            a.execute(f"SELECT {cols} FROM requests ORDER BY id").fetchall()
+            == b.execute(f"SELECT {cols} FROM requests ORDER BY id").fetchall()
+        )
+    a.close()
+    b.close()
+
+
+def test_db_copy_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from metrion_addon.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["db", "copy", str(tmp_path / "missing.db"), str(tmp_path / "x.db")])
+    assert main(["db", "copy", "postgresql://metrion:hunter2@127.0.0.1:1/x", str(tmp_path / "x.db")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("metrion db copy: ") and "hunter2" not in err
