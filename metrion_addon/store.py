@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
+
+if TYPE_CHECKING:
+    from metrion_addon.config import Config
+    from metrion_addon.pgstore import PgStore
 
 from metrion_addon.text import clean_text, valid_utf8
 
@@ -69,7 +75,7 @@ _V1_COLUMNS: dict[str, type] = {
     "session_id": str,
     "usage_json": str,  # the raw usage object as received (for audits and repricing; holds no secrets)
 }
-# Added by _m003_attempts.
+# Added by _m004_attempts.
 _ATTEMPT_COLUMNS: dict[str, type] = {
     "retry_count": int,  # the SDK's x-stainless-retry-count: 0 first attempt, N the Nth retry; NULL: not sent
     "request_key": str,  # the client's idempotency-key (or x-client-request-id): the same on every attempt
@@ -78,6 +84,7 @@ _ATTEMPT_COLUMNS: dict[str, type] = {
 COLUMNS: dict[str, type] = {
     **_V1_COLUMNS,
     "response_model": str,  # the model the response named (what was billed; repricing uses it)
+    "row_id": str,  # a UUIDv7 made by the proxy: the same row written twice (replayed, copied) counts once
     **_ATTEMPT_COLUMNS,
 }
 INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
@@ -153,13 +160,31 @@ def _m002_response_model(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("response_model", str)  # type: ignore[union-attr]
 
 
-def _m003_attempts(db: sqlite_utils.Database) -> None:
+def _m003_row_id(db: sqlite_utils.Database) -> None:
+    db["requests"].add_column("row_id", str)  # type: ignore[union-attr]
+    db.execute("CREATE UNIQUE INDEX idx_requests_row_id ON requests (row_id)")  # NULL for older rows
+
+
+def _m004_attempts(db: sqlite_utils.Database) -> None:
     """Attempts vs calls (the SDK's retry count, the client's request key) and count_tokens' counted number."""
     for name, kind in _ATTEMPT_COLUMNS.items():
         db["requests"].add_column(name, kind)  # type: ignore[union-attr]
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_requests, _m002_response_model, _m003_attempts]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _m001_requests,
+    _m002_response_model,
+    _m003_row_id,
+    _m004_attempts,
+]
+
+
+def new_row_id() -> str:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits; sorts by creation time."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
+    return str(uuid.UUID(int=value))
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -238,6 +263,7 @@ class Store:
         self._thread.start()
 
     def put(self, row: dict[str, Any]) -> None:
+        row.setdefault("row_id", new_row_id())
         self._queue.put(row)
 
     def pending(self) -> int:
@@ -388,3 +414,21 @@ class Store:
                 e,
                 self.max_backlog,
             )
+
+
+def open_store(config: Config, **kw: Any) -> Store | PgStore:
+    """The writer for the config's database: SQLite, or PostgreSQL (with a SQLite spool) for a URL."""
+    if config.database_url:
+        from metrion_addon.pgstore import PgStore
+
+        return PgStore(config.database_url, config.database, **kw)
+    return Store(config.database, **kw)
+
+
+def store_name(config: Config) -> str:
+    """Where rows go, as it may be printed (no password)."""
+    if config.database_url:
+        from metrion_addon.pgstore import redacted
+
+        return f"{redacted(config.database_url)} (spool {config.database})"
+    return str(config.database)
