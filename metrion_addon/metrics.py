@@ -129,6 +129,11 @@ class _StateCollector(Collector):
         yield CounterMetricFamily(
             "metrion_rows_dropped", "Request rows dropped: database unwritable and backlog full", value=store.dropped
         )
+        yield GaugeMetricFamily(
+            "metrion_spool_depth",
+            "Rows in the local spool, waiting for PostgreSQL (fleet mode; 0 with SQLite)",
+            value=int(getattr(store, "spooled", 0) or 0),
+        )
         g = GaugeMetricFamily(
             "metrion_budget_remaining_usd",
             "What is left of each budget in its current period (USD; negative when overspent)",

@@ -72,14 +72,20 @@ class Health:
     started: float
 
     def check(self, now: float | None = None) -> tuple[int, dict[str, Any]]:
+        """The SQLite store is unreachable when its last write failed or one is stuck; the PostgreSQL store
+        (fleet mode) when it spools. Rows in the spool are on disk: only rows held in memory count toward the
+        threshold, so a proxy that spools (and so still records) stays in."""
         now = time.monotonic() if now is None else now
         store = self.store
         if store is None:
             return 503, {"status": "unavailable", "version": __version__, "reason": "not configured"}
-        busy = store.busy_since
-        reachable = not store.failing and (busy is None or now - busy < STALLED_WRITE_S)
+        busy = getattr(store, "busy_since", None)
+        spooling = bool(getattr(store, "spooling", False))
+        spooled = int(getattr(store, "spooled", 0) or 0)
+        stuck = busy is not None and now - busy >= STALLED_WRITE_S
+        reachable = not getattr(store, "failing", False) and not spooling and not stuck
         backlog = store.pending()
-        healthy = reachable or backlog < self.max_backlog
+        healthy = reachable or backlog - spooled < self.max_backlog
         body = {
             "status": "ok" if healthy else "unavailable",
             "version": __version__,
@@ -89,7 +95,8 @@ class Health:
             "backlog_threshold": self.max_backlog,
             "rows_written": store.written,
             "rows_dropped": store.dropped,
-            "spooling": False,
+            "spooling": spooling,
+            "spool_depth": spooled,
         }
         return (200 if healthy else 503), body
 

@@ -330,3 +330,18 @@ def test_json_request_log_and_summary(ops_proxy: tuple[Proxy, int]) -> None:
     assert entry["client"] == "<redacted by metrion>"
     text = proxy.log.read_text(errors="replace")
     assert not [s for s in SECRETS if s in text]
+
+
+def test_health_while_spooling_fleet_mode(fake: FakeUpstream, tmp_path: Path) -> None:
+    """PostgreSQL unreachable: rows go to the local spool, so the proxy still records and stays in (200), and
+    health and metrics say it is spooling."""
+    mport = free_port()
+    url = "postgresql://metrion@127.0.0.1:1/metrion"  # nothing listens on port 1: refused at once
+    proxy = start_proxy(tmp_path, fake.url, f"metrics_listen: 127.0.0.1:{mport}", db=url)  # type: ignore[arg-type]
+    try:
+        sdk(proxy).messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
+        h = until(lambda: (r := httpx.get(f"{proxy.url}/-/health", timeout=10).json())["spooling"] and r, what="spool")
+        assert h["status"] == "ok" and h["database_reachable"] is False and h["spool_depth"] >= 1
+        assert total(scrape(mport), "metrion_spool_depth") >= 1
+    finally:
+        stop_proxy(proxy)
