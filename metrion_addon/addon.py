@@ -131,6 +131,7 @@ class Metrion:
     def configure(self, updated: set[str]) -> None:
         if "body_size_limit" in updated and ctx.options.body_size_limit is None:
             ctx.options.update(body_size_limit=DEFAULT_BODY_SIZE_LIMIT)
+        self.ops.update(ctx.options)  # log format, summary interval, health threshold: applied whenever set
         if "metrion_config" not in updated:
             return
         if not ctx.options.metrion_config:

@@ -44,6 +44,7 @@ PROBE_METHODS = ("GET", "HEAD")
 STALLED_WRITE_S = 2.0
 LOG_FORMATS = ("text", "json", "off")
 _STOP = object()
+_RESCHEDULE = object()
 
 
 def probe_kind(method: str, path: str, headers: Any, path_prefix: str) -> str | None:
@@ -176,6 +177,12 @@ class Observer:
     def put(self, row: dict[str, Any]) -> None:
         self._queue.put(row)
 
+    def set_options(self, log_format: str, summary_interval: float) -> None:
+        self.log_format = log_format
+        if summary_interval != self.summary_interval:
+            self.summary_interval = summary_interval
+            self._queue.put(_RESCHEDULE)
+
     def close(self, timeout: float = 5.0) -> None:
         if self._thread.is_alive():
             self._queue.put(_STOP)
@@ -183,7 +190,7 @@ class Observer:
 
     def _run(self) -> None:
         summary = Summary()
-        due = time.monotonic() + self.summary_interval if self.summary_interval > 0 else None
+        due = self._next_due()
         while True:
             timeout = None if due is None else max(0.0, due - time.monotonic())
             try:
@@ -192,13 +199,18 @@ class Observer:
                 item = None
             if item is _STOP:
                 return
-            if item is not None:
+            if item is _RESCHEDULE:
+                due = self._next_due()
+            elif item is not None:
                 summary.add(item)
                 self._observe(item)
             if due is not None and time.monotonic() >= due:
                 log.info(summary.line(self.summary_interval, self.store))
                 summary = Summary()
-                due = time.monotonic() + self.summary_interval
+                due = self._next_due()
+
+    def _next_due(self) -> float | None:
+        return time.monotonic() + self.summary_interval if self.summary_interval > 0 else None
 
     def _observe(self, row: dict[str, Any]) -> None:
         try:
@@ -259,6 +271,12 @@ class Service:
             60,
             "Seconds between the one-line summaries logged at info level (0: none).",
         )
+
+    def update(self, options: Any) -> None:
+        """Options that may change without a new config (mitmproxy sets `--set` options one by one)."""
+        self.health.max_backlog = max(0, options.metrion_health_max_backlog)
+        if self.observer is not None:
+            self.observer.set_options(options.metrion_log_format, options.metrion_summary_interval)
 
     def configure(self, options: Any, config: Any, store: Any, budgets: Any, pricer: Any) -> None:
         """(Re)start with a new config; raises ValueError when the metrics listener cannot be opened."""

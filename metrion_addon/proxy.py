@@ -19,6 +19,7 @@ that is not loaded is refused, naming `metrion-proxy --full` (mitmdump with ever
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import signal
 import sys
@@ -78,6 +79,8 @@ def parse_extra(args: Sequence[str]) -> list[str]:
 def run(defaults: dict[str, Any], specs: Sequence[str], banner: str = "") -> None:
     """Serve until SIGINT/SIGTERM. `defaults` are option values; `specs` the user's `--set` on top of them;
     `banner` is printed to stderr once the options are accepted."""
+    if isinstance(sys.stdout, io.TextIOWrapper):  # the log goes to stdout: to a pipe or journald, line by line
+        sys.stdout.reconfigure(line_buffering=True)
     asyncio.run(_serve(defaults, specs, banner))
 
 

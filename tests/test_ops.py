@@ -345,3 +345,24 @@ def test_health_while_spooling_fleet_mode(fake: FakeUpstream, tmp_path: Path) ->
         assert total(scrape(mport), "metrion_spool_depth") >= 1
     finally:
         stop_proxy(proxy)
+
+
+def test_log_options_through_metrion_proxy(fake: FakeUpstream, tmp_path: Path) -> None:
+    """`metrion proxy` sets options one by one after the config: the log format and summary still apply, and
+    Claude Code's probe is answered there too."""
+    from tests.test_lean_proxy import start_lean
+
+    proxy = start_lean(tmp_path, fake.url, "--set", "metrion_log_format=json", "--set", "metrion_summary_interval=1")
+    try:
+        assert send_raw(proxy.port, CLAUDE_CODE_PROBE).status == 200
+        rid = (
+            sdk(proxy)
+            .messages.with_raw_response.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "x"}])
+            .headers["request-id"]
+        )
+        proxy.row(rid)
+        until(lambda: f'"request_id":"{rid}"' in proxy.log.read_text(errors="replace"), what="a JSON log line")
+        until(lambda: "metrion: summary (last 1s)" in proxy.log.read_text(errors="replace"), what="a summary")
+    finally:
+        stop_proxy(proxy)
+    assert len(proxy.rows()) == 1
