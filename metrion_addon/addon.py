@@ -18,6 +18,7 @@ from metrion_addon import mitm_errors
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
 from metrion_addon.budget import Budgets, file_clock, response_headers
 from metrion_addon.config import Config, ConfigError, load_config
+from metrion_addon.openai_compat import facts_for
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending, clean_label, finish, iso_ms, request_model, upstream_path
 from metrion_addon.store import Store, connect
@@ -334,6 +335,7 @@ class Metrion:
         resp = flow.response
         p.status, p.request_id, p.headers_at = resp.status_code, resp.headers.get("request-id"), resp.timestamp_start
         resp.headers.update(flow.metadata.get("metrion_budget_headers", {}))
+        p.facts = facts_for(p.method, p.path) or p.facts  # an endpoint with its own wire format
         ctype = resp.headers.get("content-type", "").lower()
         encoding = resp.headers.get("content-encoding")
         tap: StreamTap | JsonTap | None = None
