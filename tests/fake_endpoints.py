@@ -176,6 +176,7 @@ class FakeBatches:
     batches: dict[str, FakeBatch] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     results_fetches: int = 0
+    text: str | None = None  # the text of every succeeded result (large, to test memory)
 
 
 def batch_object(b: FakeBatch, base: str) -> dict[str, Any]:
@@ -210,7 +211,7 @@ def result_type(custom_id: str) -> str:
     return "succeeded"
 
 
-def result_line(b: FakeBatch, i: int, custom_id: str, model: str, usage: dict[str, Any]) -> bytes:
+def result_line(b: FakeBatch, i: int, custom_id: str, model: str, usage: dict[str, Any], text: str) -> bytes:
     kind = result_type(custom_id)
     result: dict[str, Any] = {"type": kind}
     if kind == "succeeded":
@@ -219,7 +220,7 @@ def result_line(b: FakeBatch, i: int, custom_id: str, model: str, usage: dict[st
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": [{"type": "text", "text": "Batch answer"}],
+            "content": [{"type": "text", "text": text}],
             "stop_reason": "end_turn",
             "stop_sequence": None,
             "usage": {**usage, "service_tier": "batch"},
@@ -275,11 +276,12 @@ def batches(handler: Any, sc: Any, req: dict[str, Any], path: str, rid: str, hea
     with state.lock:
         state.results_fetches += 1
         cut, b.cut_after = b.cut_after, None
-    usage = {k: v for k, v in sc.usage.items()}
+    usage = dict(sc.usage)
+    text = state.text or "Batch answer"
 
     def lines() -> Iterator[bytes]:
         for i, (cid, model, u) in enumerate(b.requests):
-            yield result_line(b, i, cid, model, u if u is not None else usage)
+            yield result_line(b, i, cid, model, u if u is not None else usage, text)
 
     _start_chunked(handler, "application/binary", headers, b.encoding)
     _write_chunked(handler, lines(), b.encoding, bytearray(), cut)
