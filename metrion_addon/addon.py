@@ -8,16 +8,15 @@ mitmproxy would log and otherwise ignore, forwarding the flow as it was) ends in
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
 
 from mitmproxy import connection, ctx, exceptions, http
 
-from metrion_addon import batches, mitm_errors
+from metrion_addon import mitm_errors
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
-from metrion_addon.batch_recorder import BatchRecorder
+from metrion_addon.batch_hooks import CLIENT_PATH, BatchHooks
 from metrion_addon.budget import Budgets, file_clock, response_headers
 from metrion_addon.config import Config, ConfigError, load_config
 from metrion_addon.openai_compat import facts_for
@@ -105,8 +104,7 @@ class Metrion:
         self.pricer: Pricer | None = None
         self.store: Store | None = None
         self.budgets: Budgets | None = None
-        self.batches: BatchRecorder | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.batches: BatchHooks | None = None
         self._pending: dict[str, Pending] = {}
         self._client_of: dict[str, str] = {}  # flow id -> client connection id, for flows mitmproxy drops
 
@@ -128,6 +126,12 @@ class Metrion:
             str,
             "",
             "Testing only: a file holding the current time (epoch seconds) for budget periods.",
+        )
+        loader.add_option(
+            "metrion_batch_poll_seconds",
+            int,
+            60,
+            "Managed mode: seconds between polls of one batch the proxy created (at least; backs off). 0: off.",
         )
         mitm_errors.install()
 
@@ -161,7 +165,7 @@ class Metrion:
         self.config, self.store, self.budgets = config, store, budgets
         self.auth = Authenticator(config.accounts)
         self.pricer = Pricer(config.price_overrides)
-        self.batches = BatchRecorder(config.database, self.pricer, self._batch_row)
+        self.batches = BatchHooks(config, self.pricer, store, budgets, ctx.options.metrion_batch_poll_seconds)
         self.batches.start()
         log.info(
             "metrion: %d account(s) from %s, recording to %s",
@@ -169,6 +173,10 @@ class Metrion:
             config.path,
             config.database,
         )
+
+    def running(self) -> None:
+        if self.batches is not None:
+            self.batches.running()
 
     def done(self) -> None:
         if self._pending:
@@ -246,7 +254,7 @@ class Metrion:
         assert self.auth is not None and self.config is not None
         req = flow.request
         p = self._track(flow)
-        flow.metadata["metrion_client_path"] = req.path  # as the client sent it (batch results_url rewrite)
+        flow.metadata[CLIENT_PATH] = req.path  # as the client sent it (for the batch results_url rewrite)
         req.path = upstream_path(req.path, self.config.path_prefix)
         p.path = clean_label(req.path.partition("?")[0]) or "/"
         p.client = clean_label(req.headers.get("user-agent"))
@@ -350,10 +358,9 @@ class Metrion:
         p.facts = facts_for(p.method, p.path) or p.facts  # an endpoint with its own wire format
         ctype = resp.headers.get("content-type", "").lower()
         encoding = resp.headers.get("content-encoding")
-        tap: StreamTap | JsonTap | batches.JsonlTap | None = None
-        batch_id = batches.results_batch_id(p.method, p.path)
-        if batch_id is not None and 200 <= resp.status_code < 300:
-            tap = self._results_tap(p, batch_id, encoding)  # JSONL: read line by line, never buffered
+        tap = self.batches.results_tap(p, resp.status_code, encoding) if self.batches is not None else None
+        if tap is not None:
+            pass  # batch results (JSONL): read line by line, never buffered
         elif ctype.startswith("text/event-stream"):
             p.streamed = True
             tap = StreamTap(p.facts, encoding)
@@ -381,8 +388,8 @@ class Metrion:
                 p.facts.parse_errors += 1
             if body:
                 p.facts.from_json_body(body)
-        if p.local_error is None and 200 <= resp.status_code < 300 and batches.is_batch_object_call(p.method, p.path):
-            self._batch_objects(flow, p)
+        if p.local_error is None and self.batches is not None:
+            self.batches.response(flow, p)  # batch objects: kept, and results_url pointed at this proxy
         self._record(
             flow,
             p,
@@ -423,8 +430,8 @@ class Metrion:
         )
 
     def _record(self, flow: http.HTTPFlow, p: Pending, **kw) -> None:  # type: ignore[no-untyped-def]
-        if isinstance(p.tap, batches.JsonlTap) and self.batches is not None:
-            self.batches.fetch_ended(batches.results_batch_id(p.method, p.path) or "", p.tap.complete)
+        if self.batches is not None:
+            self.batches.fetch_ended(p)
         request_id = flow.response.headers.get("request-id") if flow.response is not None else None
         self._store(p, request_id=request_id, **kw)
 
@@ -452,36 +459,6 @@ class Metrion:
         self.store.put(row)
         if self.budgets is not None:
             self.budgets.add(row.get("account"), row.get("user"), row.get("cost_usd"))
-
-    # -- Message Batches -----------------------------------------------------------------------------
-
-    def _results_tap(self, p: Pending, batch_id: str, encoding: str | None) -> batches.JsonlTap:
-        """Each result line read from a results download becomes a row (on the batch thread), exactly once."""
-        self._loop = asyncio.get_running_loop()
-        assert self.batches is not None
-        return self.batches.tap(batch_id, encoding, (p.account, p.user, p.mode), p.request_id)
-
-    def _batch_objects(self, flow: http.HTTPFlow, p: Pending) -> None:
-        """Batch create/retrieve/list/cancel: keep the batch, and point `results_url` at this proxy."""
-        resp, req, client = flow.response, flow.request, flow.client_conn
-        if resp is None or resp.stream or self.batches is None or self.config is None:
-            return  # a body mitmproxy streamed (stream_large_bodies) cannot be rewritten
-        try:
-            raw = req.raw_content if "content-encoding" not in req.headers else None
-            prefix = batches.used_prefix(flow.metadata.get("metrion_client_path", ""), self.config.path_prefix)
-            base = batches.proxy_base(client.tls_established, client.sockname, prefix)
-            new = self.batches.objects(p.method, p.path, resp.content or b"", raw, (p.account, p.user, p.mode), base)
-            if new is not None:
-                resp.content = new  # re-encoded as the upstream encoded it; content-length follows
-        except Exception:
-            log.exception("metrion: could not read or rewrite a batch object; forwarded as received")
-
-    def _batch_row(self, row: dict) -> None:  # type: ignore[type-arg]
-        """A batch result's row (called on the batch thread): to the store, and its cost to the budgets."""
-        if self.store is not None:
-            self.store.put(row)
-        if self.budgets is not None and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self.budgets.add, row.get("account"), row.get("user"), row.get("cost_usd"))
 
 
 def _large_or_unknown_body(req: http.Request) -> bool:

@@ -58,13 +58,20 @@ class BatchRecorder:
         self._thread.start()
 
     def objects(
-        self, method: str, path: str, body: bytes, request: bytes | None, who: tuple[str | None, ...], base: str
+        self,
+        method: str,
+        path: str,
+        body: bytes,
+        request: bytes | None,
+        who: tuple[str | None, ...],
+        base: str,
+        upstream: str,
     ) -> bytes | None:
         """A batch create/retrieve/list/cancel answer: the batches are kept (created) or updated (seen); the
         body with `results_url` pointed at `base` is returned when that changes it."""
         objs = batch_objects(body)
         if method == "POST" and path == BATCHES_PATH:
-            self.created(objs, who, request, time.time())
+            self.created(objs, who, request, time.time(), upstream)
         elif objs:
             self.seen(objs)
         new = rewrite_results_url(body, base)
@@ -76,8 +83,10 @@ class BatchRecorder:
         """The stream callable of a results download: each result line read is queued here."""
         return JsonlTap(encoding, lambda res: self.result(batch_id, res, fetcher, request_id))
 
-    def created(self, objs: list[dict[str, Any]], who: tuple[str | None, ...], body: bytes | None, now: float) -> None:
-        self._queue.put(("created", objs, who, body, now))
+    def created(
+        self, objs: list[dict[str, Any]], who: tuple[str | None, ...], body: bytes | None, now: float, upstream: str
+    ) -> None:
+        self._queue.put(("created", objs, who, body, now, upstream))
 
     def seen(self, objs: list[dict[str, Any]]) -> None:
         self._queue.put(("seen", objs))
@@ -122,14 +131,17 @@ class BatchRecorder:
     def _on_call(self, conn: Any, fn: Callable[[], None]) -> None:
         fn()
 
-    def _on_created(self, conn: Any, objs: list[dict[str, Any]], who: tuple, body: bytes | None, now: float) -> None:
+    def _on_created(
+        self, conn: Any, objs: list[dict[str, Any]], who: tuple, body: bytes | None, now: float, upstream: str
+    ) -> None:
         count, models = request_summary(body) if body else (None, [])
         account, user, mode = who
         for o in objs:
             conn.execute(
                 "INSERT OR IGNORE INTO batches (id, ts, account, user, mode, request_count, models, "
-                "processing_status, created_at, ended_at, upstream_results_url) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (o["id"], iso_ms(now), account, user, mode, count, json.dumps(models), *_status(o)),
+                "processing_status, created_at, ended_at, upstream_results_url, upstream) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (o["id"], iso_ms(now), account, user, mode, count, json.dumps(models), *_status(o), upstream),
             )
             self._meta.pop(o["id"], None)
 

@@ -163,7 +163,7 @@ def _m003_batches(db: sqlite_utils.Database) -> None:
         "CREATE TABLE batches (id TEXT PRIMARY KEY, ts TEXT NOT NULL, account TEXT, user TEXT, mode TEXT, "
         "request_count INTEGER, models TEXT, processing_status TEXT, created_at TEXT, ended_at TEXT, "
         "upstream_results_url TEXT, results_recorded INTEGER NOT NULL DEFAULT 0, metered_at TEXT, "
-        "next_poll_at TEXT, poll_failures INTEGER NOT NULL DEFAULT 0)"
+        "upstream TEXT, polls INTEGER NOT NULL DEFAULT 0, next_poll_at TEXT, poll_failures INTEGER NOT NULL DEFAULT 0)"
     )
 
 

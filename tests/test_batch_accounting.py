@@ -110,7 +110,7 @@ def test_recorder_exactly_once_and_creator(tmp_path: Path) -> None:
             "created_at": "2026-06-01T12:00:00Z",
         }
         body = json.dumps({"requests": [{"custom_id": "c1", "params": {"model": "claude-opus-5-5"}}]}).encode()
-        rec.created([obj], ("acme", "alice", "managed"), body, 1.78e9)
+        rec.created([obj], ("acme", "alice", "managed"), body, 1.78e9, "http://upstream")
         usage = {"input_tokens": 10, "output_tokens": 1}
         res = parse_result_line(result_line("c1", "claude-opus-5-5", usage))
         assert res is not None

@@ -207,3 +207,36 @@ def _peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM")
+
+
+def test_managed_proxy_meters_batches_itself_across_restart(fake: FakeUpstream, tmp_path: Path) -> None:
+    """A managed batch whose results the client never downloads: the proxy polls and meters it, and the
+    polling survives a restart (the first proxy does not poll; the second finds the batch in the table)."""
+    first = start_proxy(tmp_path, fake.url, extra_args=("--set", "metrion_batch_poll_seconds=0"))
+    try:
+        c = sdk(first, "poll-me")
+        batch = c.messages.batches.create(requests=[req("m-1", 400, 40), req("errored-m-2")])  # type: ignore[list-item]
+        passthrough = anthropic.Anthropic(
+            base_url=first.url, api_key="sk-ant-own", max_retries=0, default_headers={"x-metrion-token": PASS_TOKEN}
+        ).messages.batches.create(requests=[req("pt-never")])  # type: ignore[list-item]
+    finally:
+        stop_proxy(first)
+    fake.batches.polls_to_end = 2  # the first poll finds it in progress, the next one ended
+    second = start_proxy(tmp_path, fake.url, db=first.db, extra_args=("--set", "metrion_batch_poll_seconds=1"))
+    try:
+        rows = {r["custom_id"]: r for r in second.wait_rows("batch_id = ?", (batch.id,), n=2, timeout=30)}
+        assert (rows["m-1"]["user"], rows["m-1"]["mode"], rows["m-1"]["input_tokens"]) == ("poll-me", "managed", 400)
+        assert rows["m-1"]["cost_usd"] == pytest.approx(batch_cost(400, 40), abs=1e-12)
+        assert rows["errored-m-2"]["cost_usd"] == 0
+        c2 = sdk(second, "poll-me")
+        assert len(results(c2, batch.id)) == 2  # the client downloads too: nothing counted twice
+        sentinel = c2.messages.batches.create(requests=[req("s")])  # type: ignore[list-item]
+        c2.messages.batches.retrieve(sentinel.id)
+        results(c2, sentinel.id)
+        second.wait_rows("batch_id = ?", (sentinel.id,))
+        assert len(second.rows("batch_id = ?", (batch.id,))) == 2
+        assert batch_table(second, batch.id)["metered_at"] is not None
+        assert batch_table(second, passthrough.id)["metered_at"] is None  # no key: metered when fetched
+    finally:
+        fake.batches.polls_to_end = 1
+        stop_proxy(second)
