@@ -4,6 +4,7 @@ client and become one row per result, priced at batch rates, charged to the batc
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import anthropic
 import httpx
 import pytest
 
+from metrion_addon import report as metrion_report
 from tests.conftest import MANAGED_TOKEN, PASS_TOKEN, Proxy, proc_rss_mb, start_proxy, stop_proxy
 from tests.fake_upstream import FakeUpstream
 
@@ -240,3 +242,33 @@ def test_managed_proxy_meters_batches_itself_across_restart(fake: FakeUpstream, 
     finally:
         fake.batches.polls_to_end = 1
         stop_proxy(second)
+
+
+def test_report_by_batch_top_errors_and_summary(
+    proxy: Proxy, fake: FakeUpstream, capsys: pytest.CaptureFixture[str]
+) -> None:
+    c = sdk(proxy, "reported")
+    batch = c.messages.batches.create(requests=[req("big", 90_000, 9_000), *FOUR[1:]])  # type: ignore[arg-type]
+    c.messages.batches.retrieve(batch.id)
+    results(c, batch.id)
+    proxy.wait_rows("batch_id = ?", (batch.id,), n=4)
+    c.messages.batches.create(requests=[req("never-fetched")])  # type: ignore[list-item]
+
+    def report(*argv: str) -> dict:
+        assert metrion_report.main([*argv, "--db", str(proxy.db), "--utc", "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    by = {r["batch"]: r for r in report("--by", "batch")["rows"]}
+    assert by[batch.id]["requests"] == 4 and by[batch.id]["errors"] == 3
+    assert by[batch.id]["cost_usd"] == pytest.approx(batch_cost(90_000, 9_000), abs=1e-9)
+    top = report("top", "--limit", "1")["rows"][0]
+    assert (top["batch_id"], top["cost_usd"]) == (batch.id, pytest.approx(batch_cost(90_000, 9_000), abs=1e-9))
+    errors = report("errors")["rows"]
+    assert {(e["error"], e["batch"]) for e in errors} >= {("batch_errored", 1), ("batch_expired", 1)}
+    summary = report()["rows"][0]
+    assert summary["batch_results"] >= 4 and summary["batch_cost_usd"] >= batch_cost(90_000, 9_000) - 1e-9
+    assert metrion_report.main(["--db", str(proxy.db), "--utc"]) == 0
+    text = capsys.readouterr().out
+    assert "Batch results" in text and "created but not metered yet" in text
+    assert metrion_report.main(["top", "--db", str(proxy.db), "--utc", "--limit", "1"]) == 0
+    assert "[batch]" in capsys.readouterr().out
