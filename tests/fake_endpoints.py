@@ -284,7 +284,7 @@ def batches(handler: Any, sc: Any, req: dict[str, Any], path: str, rid: str, hea
             yield result_line(b, i, cid, model, u if u is not None else usage, text)
 
     _start_chunked(handler, "application/binary", headers, b.encoding)
-    _write_chunked(handler, lines(), b.encoding, bytearray(), cut)
+    _write_chunked(handler, lines(), b.encoding, fake.sent.setdefault(rid, bytearray()), cut)
     return None
 
 
