@@ -256,7 +256,10 @@ def test_report_by_batch_top_errors_and_summary(
     c.messages.batches.retrieve(batch.id)
     results(c, batch.id)
     proxy.wait_rows("batch_id = ?", (batch.id,), n=4)
-    c.messages.batches.create(requests=[req("never-fetched")])  # type: ignore[list-item]
+    lab = anthropic.Anthropic(
+        base_url=proxy.url, api_key="sk-ant-own", max_retries=0, default_headers={"x-metrion-token": PASS_TOKEN}
+    )
+    lab.messages.batches.create(requests=[req("never-fetched")])  # type: ignore[list-item]  # pass-through: not polled
 
     def report(*argv: str) -> dict:
         assert metrion_report.main([*argv, "--db", str(proxy.db), "--utc", "--json"]) == 0
