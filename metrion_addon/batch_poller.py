@@ -119,8 +119,11 @@ class BatchPoller:
             tap = self.recorder.tap(bid, resp.headers.get("content-encoding"), (account, None, "managed"), request_id)
             while chunk := resp.read(READ_SIZE):
                 tap(chunk)
-            tap(b"")
-            complete = tap.complete and tap.failed is None
+                if self._stop.is_set():  # shutting down: what was read counts, the next start completes it
+                    break
+            else:
+                tap(b"")
+                complete = tap.complete and tap.failed is None
         self.recorder.fetch_ended(bid, complete)
 
     @staticmethod

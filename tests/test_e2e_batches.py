@@ -268,7 +268,7 @@ def test_report_by_batch_top_errors_and_summary(
     by = {r["batch"]: r for r in report("--by", "batch")["rows"]}
     assert by[batch.id]["requests"] == 4 and by[batch.id]["errors"] == 3
     assert by[batch.id]["cost_usd"] == pytest.approx(batch_cost(90_000, 9_000), abs=1e-9)
-    top = report("top", "--limit", "1")["rows"][0]
+    top = report("top", "--limit", "1", "--user", "reported")["rows"][0]
     assert (top["batch_id"], top["cost_usd"]) == (batch.id, pytest.approx(batch_cost(90_000, 9_000), abs=1e-9))
     errors = report("errors")["rows"]
     assert {(e["error"], e["batch"]) for e in errors} >= {("batch_errored", 1), ("batch_expired", 1)}
@@ -277,5 +277,5 @@ def test_report_by_batch_top_errors_and_summary(
     assert metrion_report.main(["--db", str(proxy.db), "--utc"]) == 0
     text = capsys.readouterr().out
     assert "Batch results" in text and "created but not metered yet" in text
-    assert metrion_report.main(["top", "--db", str(proxy.db), "--utc", "--limit", "1"]) == 0
+    assert metrion_report.main(["top", "--db", str(proxy.db), "--utc", "--limit", "1", "--user", "reported"]) == 0
     assert "[batch]" in capsys.readouterr().out

@@ -220,3 +220,18 @@ def test_usage_mapping_details_and_garbage() -> None:
     p = Pending(started=1_780_000_000.0, method="POST", path="/v1/chat/completions", facts=facts)
     row = finish(p, pricer=Pricer(), status=200, request_id="r", headers_at=None, ended_at=1_780_000_001.0)
     assert row["cost_usd"] is None and row["error"] == "usage_unreadable"  # a string count is never zero
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64])
+def test_stream_split_anywhere_gives_the_same_usage(size: int) -> None:
+    from metrion_addon.usage import StreamTap
+    from tests.fake_endpoints import chat_chunks
+
+    wire = b"".join(chat_chunks(MODEL, {"input_tokens": 33, "output_tokens": 4}, "split me anywhere", "c1", True))
+    wire = wire.replace(b"\n", b"\r\n") if size % 2 else wire
+    facts = ChatCompletionFacts()
+    tap = StreamTap(facts, None)
+    assert b"".join(tap(wire[i : i + size]) for i in range(0, len(wire), size)) + tap(b"") == wire
+    assert facts.completed and facts.stop_reason == "stop" and facts.model == MODEL
+    assert (facts.raw_usage or {})["input_tokens"] == 33 and facts.usage is not None
+    assert facts.usage.total("output_tokens") == 4 and tap.failed is None and not facts.parse_errors
