@@ -22,7 +22,7 @@ from metrion_addon.config import Config, ConfigError, load_config
 from metrion_addon.openai_compat import facts_for
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending, clean_label, finish, iso_ms, request_model, upstream_path
-from metrion_addon.store import Store, connect
+from metrion_addon.store import Store, connect, open_store, store_name
 from metrion_addon.text import is_clean_token
 from metrion_addon.usage import JsonTap, StreamTap
 
@@ -146,7 +146,7 @@ class Metrion:
             config = load_config(ctx.options.metrion_config)
         except ConfigError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from None
-        store = Store(config.database, max_backlog=max(1, ctx.options.metrion_max_backlog))
+        store = open_store(config, max_backlog=max(1, ctx.options.metrion_max_backlog))
         try:
             store.start()
         except Exception as e:
@@ -171,7 +171,7 @@ class Metrion:
             "metrion: %d account(s) from %s, recording to %s",
             len(config.accounts),
             config.path,
-            config.database,
+            store_name(config),
         )
 
     def running(self) -> None:

@@ -17,15 +17,14 @@ from metrion_addon.budget import Budgets
 from metrion_addon.config import Config
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending
-from metrion_addon.store import Store
 
 log = logging.getLogger(__name__)
 CLIENT_PATH = "metrion_client_path"  # flow.metadata: the path as the client sent it (prefix included)
 
 
 class BatchHooks:
-    def __init__(self, config: Config, pricer: Pricer, store: Store, budgets: Budgets, poll_seconds: float) -> None:
-        self.config, self.store, self.budgets = config, store, budgets
+    def __init__(self, config: Config, pricer: Pricer, store: Any, budgets: Budgets, poll_seconds: float) -> None:
+        self.config, self.store, self.budgets = config, store, budgets  # store: SQLite or PostgreSQL, put() only
         self.loop: asyncio.AbstractEventLoop | None = None
         self.recorder = BatchRecorder(config.database, pricer, self._row)
         keys = {a.name: a.anthropic_api_key for a in config.accounts if a.anthropic_api_key}

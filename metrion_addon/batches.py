@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +32,9 @@ _OBJECT_RE = re.compile(rf"^/v1/messages/batches(?:/({_ID})(?:/cancel)?)?$")
 # `"results_url": "https://host[:port]/path"`: only the scheme and authority are replaced.
 _RESULTS_URL_RE = re.compile(rb'("results_url"\s*:\s*")https?://[^/"\\\s]+(/[^"\\\s]*")')
 RESULT_TYPES = ("succeeded", "errored", "canceled", "expired")
+# Batch result rows get a row_id derived from batch id + custom_id (UUIDv5), not a fresh UUIDv7: the same result
+# read twice, by any proxy, is the same row, and PostgreSQL's ON CONFLICT (row_id) keeps it once as well.
+_ROW_ID_NS = uuid.UUID("6d657472-696f-6e2d-6261-746368000000")
 MAX_LINE = 64 * 1024 * 1024  # a result line longer than this is not read (the bytes still flow)
 
 
@@ -257,6 +261,7 @@ def result_row(res: BatchResult, meta: BatchMeta, pricer: Pricer, request_id: st
         "stop_reason": res.stop_reason,
         "client": "metrion:batch-results",
         "usage_json": json.dumps(raw, separators=(",", ":")) if raw is not None else None,
+        "row_id": str(uuid.uuid5(_ROW_ID_NS, f"{meta.batch_id}\x00{res.custom_id}")),
         "batch_id": meta.batch_id,
         "custom_id": res.custom_id,
         "batch_result": res.kind,

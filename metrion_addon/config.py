@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -81,7 +82,8 @@ class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
     path_prefix: str = ""
-    database: Path = Path("metrion.db")
+    database: Path = Path("metrion.db")  # the SQLite file; with database_url, the local spool
+    database_url: str | None = None  # postgresql://... (fleet mode); secrets in it come from ${ENV}
     accounts: tuple[Account, ...] = ()
     price_overrides: tuple[PriceOverride, ...] = ()
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
@@ -203,17 +205,36 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _expand_env(ctx: _Ctx, node: _Node, where: str, env: dict[str, str]) -> str:
+def _expand_env(ctx: _Ctx, node: _Node, where: str, env: dict[str, str] | None) -> str:
+    """A secret's value: the literal, or the named environment variable. With `env=None` (secrets not
+    resolved) a `${VAR}` reference is returned as written."""
     raw = ctx.string(node, where, secret=True)
     m = _ENV_RE.match(raw)
     if not m:
         if "${" in raw:
             raise ctx.fail(where, node, "use exactly '${VAR_NAME}' to read a secret from the environment")
         return raw
+    if env is None:
+        return raw
     value = env.get(m.group(1))
     if not value:
         raise ctx.fail(where, node, f"environment variable {m.group(1)} is not set (or empty)")
     return value
+
+
+def _expand_url(ctx: _Ctx, node: _Node, env: dict[str, str] | None) -> str:
+    """A database URL with any `${VAR}` in it replaced from the environment (kept as written without env)."""
+    raw = ctx.string(node, "database", secret=True)
+    if env is None:
+        return raw
+
+    def value(m: re.Match[str]) -> str:
+        v = env.get(m.group(1))
+        if not v:
+            raise ctx.fail("database", node, f"environment variable {m.group(1)} is not set (or empty)")
+        return quote(v, safe="")
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value, raw)
 
 
 def _token_hash(ctx: _Ctx, node: _Node, where: str) -> bytes:
@@ -287,9 +308,17 @@ def _account_budgets(ctx: _Ctx, acc: dict[str, _Node], where: str) -> AccountBud
     )
 
 
-def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
-    """Read and validate the config file; raise ConfigError with one clear message on any problem."""
-    env = dict(os.environ) if env is None else env
+def load_config(
+    path: str | os.PathLike[str], env: dict[str, str] | None = None, *, resolve_secrets: bool = True
+) -> Config:
+    """Read and validate the config file; raise ConfigError with one clear message on any problem.
+
+    `resolve_secrets=False` is for the commands that read the config but never use its secrets (report,
+    reprice): `${VAR}` references stay as written and need not be set."""
+    if not resolve_secrets:
+        env = None
+    elif env is None:
+        env = dict(os.environ)
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
@@ -300,7 +329,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     return parse_config(text, p.resolve(), env)
 
 
-def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
+def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
     ctx = _Ctx(str(path))
     root = _parse_yaml(text, str(path))
     if root is None:
@@ -323,7 +352,13 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
         if value and (not value.startswith("/") or value.endswith("/") or "?" in value):
             raise ctx.fail("path_prefix", prefix, "must start with '/' and not end with '/' (e.g. /api/proxy)")
         kw["path_prefix"] = value
-    db = Path(ctx.string(top["database"], "database")) if "database" in top else Path("metrion.db")
+    db_value = ctx.string(top["database"], "database") if "database" in top else "metrion.db"
+    if db_value.startswith(("postgresql://", "postgres://")):
+        # PostgreSQL: the password comes from ${VAR} in the URL, or libpq's PGPASSWORD / .pgpass. Rows that
+        # cannot reach the server wait in a SQLite spool beside the config.
+        kw["database_url"] = _expand_url(ctx, top["database"], env)
+        db_value = "metrion-spool.db"
+    db = Path(db_value)
     kw["database"] = db if db.is_absolute() else path.parent / db
 
     if "accounts" not in top:
@@ -380,6 +415,11 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
             raise ctx.fail("budget_timezone", top["budget_timezone"], f"unknown time zone {tz!r}") from None
     block = ctx.boolean(top["block_unknown_models"], "block_unknown_models") if "block_unknown_models" in top else False
     kw["budgets"] = BudgetSettings(timezone=tz, block_unknown_models=block, accounts=budgets)
+    if budgets and kw.get("database_url"):
+        raise ConfigError(
+            f"{path}: field 'database': budgets with a PostgreSQL database are not supported yet (budgets are "
+            "kept per proxy; fleet-wide budgets are the next step): use a SQLite database, or remove the budgets"
+        )
 
     if "pricing" in top:
         pricing = ctx.mapping(top["pricing"], "pricing", _PRICING_KEYS)

@@ -884,18 +884,20 @@ def read_config(config: str | None) -> Config | None:
         return None
     from metrion_addon.config import ConfigError, load_config
 
-    class _NoSecrets(dict[str, str]):  # the report needs no secrets: ${VARS} need not be set to read `database`
-        def get(self, key: str, default: Any = None) -> str:  # type: ignore[override]
-            return "unused-by-metrion-report"
-
-    try:
-        return load_config(config or "config.yaml", env=_NoSecrets())
+    try:  # the report needs no secrets: ${VARS} need not be set to read `database`
+        return load_config(config or "config.yaml", resolve_secrets=False)
     except ConfigError as e:
         raise ReportError(f"config error: {e}", EXIT_USAGE) from None
 
 
 def resolve_db(db: str | None, config: Config | None) -> Path:
     """--db, else the config's `database`, else ./metrion.db."""
+    if db and db.startswith(("postgresql://", "postgres://")) or (not db and config and config.database_url):
+        raise ReportError(
+            "the report reads SQLite databases only for now; a PostgreSQL store can be reported on once its "
+            "rows are copied to a SQLite file",
+            EXIT_USAGE,
+        )
     if db:
         return Path(db).expanduser()
     return config.database if config is not None else Path("metrion.db")

@@ -72,6 +72,7 @@ class Scenario:
     repeat_usage_in_delta: bool = True  # message_delta repeats input/cache/server-tool fields (cumulative)
     reset_after: int | None = None  # SSE: reset the connection (TCP RST) after this many events
     hold_open: float = 0.0  # SSE: seconds to keep the stream open after its last event, before ending it
+    gate: threading.Event | None = None  # SSE: after the first event, wait (up to 30 s) for this to be set
 
 
 @dataclass
@@ -381,6 +382,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 if i and sc.event_delay:
                     time.sleep(sc.event_delay)
+                if i == 1 and sc.gate is not None:
+                    sc.gate.wait(30)
                 yield encode_event(name, data)
 
         try:
