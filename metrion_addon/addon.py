@@ -16,8 +16,10 @@ from mitmproxy import connection, ctx, exceptions, http
 
 from metrion_addon import mitm_errors, ops, record
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
+from metrion_addon.batch_hooks import CLIENT_PATH, BatchHooks
 from metrion_addon.budget import Budgets, file_clock, response_headers
 from metrion_addon.config import Config, ConfigError, load_config
+from metrion_addon.openai_compat import facts_for
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending, clean_label, finish, iso_ms, request_model, upstream_path
 from metrion_addon.store import Store, connect, open_store, store_name
@@ -102,6 +104,7 @@ class Metrion:
         self.pricer: Pricer | None = None
         self.store: Store | None = None
         self.budgets: Budgets | None = None
+        self.batches: BatchHooks | None = None
         self._pending: dict[str, Pending] = {}
         self._client_of: dict[str, str] = {}  # flow id -> client connection id, for flows mitmproxy drops
         self.ops = ops.Service()  # health, probes, metrics, request logs
@@ -124,6 +127,12 @@ class Metrion:
             str,
             "",
             "Testing only: a file holding the current time (epoch seconds) for budget periods.",
+        )
+        loader.add_option(
+            "metrion_batch_poll_seconds",
+            int,
+            60,
+            "Managed mode: seconds between polls of one batch the proxy created (at least; backs off). 0: off.",
         )
         ops.Service.add_options(loader)
         mitm_errors.install()
@@ -152,6 +161,8 @@ class Metrion:
                 budgets.seed(conn)  # a restart neither forgets nor double-counts this period's spend
             finally:
                 conn.close()
+        if self.batches is not None:
+            self.batches.close()
         if self.store is not None:
             self.store.close()
         self.config, self.store, self.budgets = config, store, budgets
@@ -161,12 +172,19 @@ class Metrion:
             self.ops.configure(ctx.options, config, store, budgets, self.pricer)
         except ValueError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from None
+        observed = self.ops.observed(store)  # batch result rows reach the metrics and logs too
+        self.batches = BatchHooks(config, self.pricer, observed, budgets, ctx.options.metrion_batch_poll_seconds)
+        self.batches.start()
         log.info(
             "metrion: %d account(s) from %s, recording to %s",
             len(config.accounts),
             config.path,
             store_name(config),
         )
+
+    def running(self) -> None:
+        if self.batches is not None:
+            self.batches.running()
 
     def done(self) -> None:
         if self._pending:
@@ -186,6 +204,9 @@ class Metrion:
                     error=None if p.facts.completed else "proxy_shutdown",
                 )
             self._pending.clear()
+        if self.batches is not None:
+            self.batches.close()  # its last result rows go to the store before that closes
+            self.batches = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -244,6 +265,7 @@ class Metrion:
         assert self.auth is not None and self.config is not None
         req = flow.request
         p = self._track(flow)
+        flow.metadata[CLIENT_PATH] = req.path  # as the client sent it (for the batch results_url rewrite)
         req.path = upstream_path(req.path, self.config.path_prefix)
         p.path = clean_label(req.path.partition("?")[0]) or "/"
         p.client = clean_label(req.headers.get("user-agent"))
@@ -349,10 +371,13 @@ class Metrion:
         resp = flow.response
         p.status, p.request_id, p.headers_at = resp.status_code, resp.headers.get("request-id"), resp.timestamp_start
         resp.headers.update(flow.metadata.get("metrion_budget_headers", {}))
+        p.facts = facts_for(p.method, p.path) or p.facts  # an endpoint with its own wire format
         ctype = resp.headers.get("content-type", "").lower()
         encoding = resp.headers.get("content-encoding")
-        tap: StreamTap | JsonTap | None = None
-        if ctype.startswith("text/event-stream"):
+        tap = self.batches.results_tap(p, resp.status_code, encoding) if self.batches is not None else None
+        if tap is not None:
+            pass  # batch results (JSONL): read line by line, never buffered
+        elif ctype.startswith("text/event-stream"):
             p.streamed = True
             tap = StreamTap(p.facts, encoding)
         elif "json" in ctype:
@@ -380,6 +405,8 @@ class Metrion:
             if body:
                 p.facts.from_json_body(body)
                 p.counted_tokens = record.counted_tokens(p.path, resp.status_code, body)
+        if p.local_error is None and self.batches is not None:
+            self.batches.response(flow, p)  # batch objects: kept, and results_url pointed at this proxy
         self._record(
             flow,
             p,
@@ -420,6 +447,8 @@ class Metrion:
         )
 
     def _record(self, flow: http.HTTPFlow, p: Pending, **kw) -> None:  # type: ignore[no-untyped-def]
+        if self.batches is not None:
+            self.batches.fetch_ended(p)
         request_id = flow.response.headers.get("request-id") if flow.response is not None else None
         self._store(p, request_id=request_id, **kw)
 

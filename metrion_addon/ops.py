@@ -328,6 +328,10 @@ class Service:
         if self.observer is not None:
             self.observer.put(row)
 
+    def observed(self, store: Any) -> ObservedStore:
+        """The store for writers other than the request hooks (batch results): their rows are observed too."""
+        return ObservedStore(store, self)
+
     def close(self) -> None:
         if self.observer is not None:
             self.observer.close()
@@ -335,3 +339,17 @@ class Service:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
+
+
+class ObservedStore:
+    """A store whose `put` also hands the row to the observer (thread-safe: both only enqueue)."""
+
+    def __init__(self, store: Any, service: Service) -> None:
+        self._store, self._service = store, service
+
+    def put(self, row: dict[str, Any]) -> None:
+        self._store.put(row)
+        self._service.observe(row)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)

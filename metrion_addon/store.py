@@ -75,7 +75,7 @@ _V1_COLUMNS: dict[str, type] = {
     "session_id": str,
     "usage_json": str,  # the raw usage object as received (for audits and repricing; holds no secrets)
 }
-# Added by _m004_attempts.
+# Added by _m005_attempts.
 _ATTEMPT_COLUMNS: dict[str, type] = {
     "retry_count": int,  # the SDK's x-stainless-retry-count: 0 first attempt, N the Nth retry; NULL: not sent
     "request_key": str,  # the client's idempotency-key (or x-client-request-id): the same on every attempt
@@ -85,6 +85,9 @@ COLUMNS: dict[str, type] = {
     **_V1_COLUMNS,
     "response_model": str,  # the model the response named (what was billed; repricing uses it)
     "row_id": str,  # a UUIDv7 made by the proxy: the same row written twice (replayed, copied) counts once
+    "batch_id": str,  # a Message Batches result: its batch (see _m004_batches)
+    "custom_id": str,  # ... and the request's custom_id within it
+    "batch_result": str,  # ... and its result type: succeeded | errored | canceled | expired
     **_ATTEMPT_COLUMNS,
 }
 INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
@@ -131,7 +134,10 @@ def _row_error(e: Exception) -> bool:
     return isinstance(e, ValueError | TypeError | OverflowError | sqlite3.InterfaceError)
 
 
-_INSERT_SQL = "INSERT INTO requests ({}) VALUES ({})".format(
+# OR IGNORE: a row already stored (same row_id; or a batch result with the same batch_id + custom_id) is not
+# stored twice, even when two proxies read the same results file. `ts` is always set, so no other constraint
+# can be skipped this way.
+_INSERT_SQL = "INSERT OR IGNORE INTO requests ({}) VALUES ({})".format(
     ", ".join(f"[{c}]" for c in INSERT_COLUMNS), ", ".join("?" * len(INSERT_COLUMNS))
 )
 
@@ -165,7 +171,23 @@ def _m003_row_id(db: sqlite_utils.Database) -> None:
     db.execute("CREATE UNIQUE INDEX idx_requests_row_id ON requests (row_id)")  # NULL for older rows
 
 
-def _m004_attempts(db: sqlite_utils.Database) -> None:
+def _m004_batches(db: sqlite_utils.Database) -> None:
+    """Message Batches: result rows name their batch and custom_id (unique together: exactly once), and the
+    batches created through the proxy are kept, with their creator, for the results to be charged to."""
+    for col in ("batch_id", "custom_id", "batch_result"):
+        db["requests"].add_column(col, str)  # type: ignore[union-attr]
+    db.execute(
+        "CREATE UNIQUE INDEX idx_requests_batch_result ON requests (batch_id, custom_id) WHERE batch_id IS NOT NULL"
+    )
+    db.execute(
+        "CREATE TABLE batches (id TEXT PRIMARY KEY, ts TEXT NOT NULL, account TEXT, user TEXT, mode TEXT, "
+        "request_count INTEGER, models TEXT, processing_status TEXT, created_at TEXT, ended_at TEXT, "
+        "upstream_results_url TEXT, results_recorded INTEGER NOT NULL DEFAULT 0, metered_at TEXT, "
+        "upstream TEXT, polls INTEGER NOT NULL DEFAULT 0, next_poll_at TEXT, poll_failures INTEGER NOT NULL DEFAULT 0)"
+    )
+
+
+def _m005_attempts(db: sqlite_utils.Database) -> None:
     """Attempts vs calls (the SDK's retry count, the client's request key) and count_tokens' counted number."""
     for name, kind in _ATTEMPT_COLUMNS.items():
         db["requests"].add_column(name, kind)  # type: ignore[union-attr]
@@ -175,7 +197,8 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m001_requests,
     _m002_response_model,
     _m003_row_id,
-    _m004_attempts,
+    _m004_batches,
+    _m005_attempts,
 ]
 
 

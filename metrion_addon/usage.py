@@ -159,6 +159,10 @@ class ResponseFacts:
     parse_errors: int = 0
     first_byte_at: float | None = None
 
+    # True where a complete stream may lawfully carry no usage (the OpenAI-compatible endpoint without
+    # `include_usage`): recorded as `usage_unavailable`, not as unreadable.
+    usage_optional = False
+
     @property
     def usage(self) -> Usage | None:
         return None if self.raw_usage is None else usage_from_raw(self.raw_usage)

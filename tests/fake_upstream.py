@@ -25,6 +25,11 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+try:
+    from tests import fake_endpoints
+except ImportError:  # run as a script: python tests/fake_upstream.py
+    import fake_endpoints  # type: ignore[no-redef]
+
 DEFAULT_USAGE: dict[str, Any] = {
     "input_tokens": 25,
     "cache_creation_input_tokens": 0,
@@ -90,6 +95,7 @@ class FakeUpstream:
         self.received: dict[str, Received] = {}
         self.sent: dict[str, bytes | bytearray] = {}
         self.order: list[str] = []
+        self.batches = fake_endpoints.FakeBatches()  # Message Batches state (tests/fake_endpoints.py)
         self.admin: Any = None  # tests/fake_admin.py attaches Anthropic's Admin API (/v1/organizations/...) here
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -298,6 +304,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         msg_id = "msg_" + rid.removeprefix("req_")
         common = {"request-id": rid, "anthropic-organization-id": "org-fake", **sc.headers}
+        if fake_endpoints.handle(self, sc, req, model, path, rid, common):  # chat completions, batches
+            return
 
         if sc.status >= 400:
             payload = (
