@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import re
 import threading
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from mitmproxy import http
 from metrion_addon import __version__
 from metrion_addon.metrics import Labels, Metrics, budget_samples
 from metrion_addon.record import upstream_path
+from metrion_addon.text import REDACTED, looks_like_credential
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("metrion.requests")
@@ -102,15 +102,10 @@ class Health:
         return (200 if healthy else 503), body
 
 
-# Rows hold no secrets by design; a client that pastes a credential into a label (User-Agent, x-metrion-user)
-# is still kept out of the logs: any value that looks like an Anthropic key or a proxy token is masked.
-_CREDENTIAL_RE = re.compile(r"sk-(?:ant|metrion)-", re.IGNORECASE)
-REDACTED = "<redacted by metrion>"
-
-
 def loggable(row: dict[str, Any]) -> dict[str, Any]:
-    """The row as logged: the same fields, credential-looking values masked."""
-    return {k: REDACTED if isinstance(v, str) and _CREDENTIAL_RE.search(v) else v for k, v in row.items()}
+    """The row as logged: the same fields, credential-looking values masked (labels are masked when stored;
+    this covers every other text field too)."""
+    return {k: REDACTED if isinstance(v, str) and looks_like_credential(v) else v for k, v in row.items()}
 
 
 def request_line(row: dict[str, Any]) -> str:

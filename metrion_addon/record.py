@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from metrion_addon.pricing import COUNT_TOKENS_PATH, Priced, Pricer
-from metrion_addon.text import clean_text
+from metrion_addon.text import REDACTED, clean_text, looks_like_credential
 from metrion_addon.usage import JsonTap, ResponseFacts, StreamTap
 
 _MESSAGES_RE = re.compile(r"^(?:/v1)?/messages(/.*)?$")
@@ -34,8 +34,10 @@ def upstream_path(path: str, prefix: str) -> str:
 
 
 def clean_label(value: str | None) -> str | None:
-    """A user/agent label as stored: valid UTF-8, control characters removed, length capped, empty -> None."""
-    return clean_text(value, LABEL_MAX)
+    """A label from a request header as stored: valid UTF-8, control characters removed, length capped, empty
+    -> None, and masked whole if it holds something that looks like a key or proxy token."""
+    label = clean_text(value, LABEL_MAX)
+    return REDACTED if label is not None and looks_like_credential(label) else label
 
 
 def request_model(body: bytes, content_type: str) -> str | None:

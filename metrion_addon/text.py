@@ -11,6 +11,10 @@ from __future__ import annotations
 import re
 
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What an Anthropic key or a metrion proxy token starts with. Rows and logs hold no secrets by design; a client
+# that pastes one into a label (User-Agent, x-metrion-user, a session id) gets that label masked, not stored.
+CREDENTIAL_RE = re.compile(r"sk-(?:ant|metrion)-", re.IGNORECASE)
+REDACTED = "<redacted by metrion>"
 _SURROGATE_RE = re.compile(r"[\ud800-\udfff]")
 TEXT_MAX = 500
 
@@ -43,6 +47,10 @@ def clean_text(value: str | None, limit: int = TEXT_MAX) -> str | None:
         value = _CONTROL_RE.sub("", valid_utf8(value))
     value = value.strip()[:limit]
     return value or None
+
+
+def looks_like_credential(value: str) -> bool:
+    return CREDENTIAL_RE.search(value) is not None
 
 
 def is_clean_token(value: str) -> bool:

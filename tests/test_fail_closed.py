@@ -300,3 +300,22 @@ def test_shutdown_keeps_what_is_known_of_streams_already_finished(fake: FakeUpst
 def test_proxy_still_serves(proxy: Proxy) -> None:
     assert proxy.proc.poll() is None
     time.sleep(0)  # nothing to wait for: every test above waited for its own row
+
+
+def test_a_credential_pasted_into_a_label_is_not_stored(proxy: Proxy, fake: FakeUpstream) -> None:
+    """A client that copies its proxy token or its own key into User-Agent, a session id or x-metrion-user: the
+    request is served, the label is masked in the row (the database holds no secrets), the token never upstream."""
+    headers = {
+        "x-api-key": MANAGED_TOKEN,
+        "user-agent": f"my-app token={MANAGED_TOKEN}",
+        "x-claude-code-session-id": "sk-ant-api03-pasted-here",
+        "x-metrion-user": "pasted sk-metrion-whatever-0000",
+    }
+    r = httpx.post(proxy.url + "/v1/messages", content=BODY, headers=headers)
+    assert r.status_code == 200
+    row = proxy.row(r.headers["request-id"])
+    assert (row["client"], row["session_id"], row["user"]) == ("<redacted by metrion>",) * 3
+    assert "user-agent" not in fake.received[r.headers["request-id"]].headers  # it held the token
+    proxy.wait_rows("1")
+    for f in proxy.db.parent.glob("metrion.db*"):
+        assert MANAGED_TOKEN.encode() not in f.read_bytes()
