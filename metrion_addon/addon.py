@@ -15,11 +15,13 @@ import time
 from mitmproxy import connection, ctx, exceptions, http
 
 from metrion_addon import mitm_errors
+from metrion_addon.admission import Gate, Refusal
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
-from metrion_addon.budget import Budgets, file_clock, response_headers
+from metrion_addon.budget import Budgets, file_clock
 from metrion_addon.config import Config, ConfigError, load_config
+from metrion_addon.labels import LabelError, UserConflict, resolve_user
 from metrion_addon.pricing import Pricer
-from metrion_addon.record import Pending, clean_label, finish, iso_ms, request_model, upstream_path
+from metrion_addon.record import Pending, clean_label, finish, iso_ms, model_of, request_json, upstream_path
 from metrion_addon.store import Store, connect
 from metrion_addon.text import is_clean_token
 from metrion_addon.usage import JsonTap, StreamTap
@@ -102,6 +104,7 @@ class Metrion:
         self.pricer: Pricer | None = None
         self.store: Store | None = None
         self.budgets: Budgets | None = None
+        self.gate: Gate | None = None  # budget admission: reservations, alerts (admission.py)
         self._pending: dict[str, Pending] = {}
         self._client_of: dict[str, str] = {}  # flow id -> client connection id, for flows mitmproxy drops
 
@@ -122,7 +125,8 @@ class Metrion:
             "metrion_test_clock",
             str,
             "",
-            "Testing only: a file holding the current time (epoch seconds) for budget periods.",
+            "Testing only: a file holding the current time (epoch seconds) for budget periods; request start "
+            "and end times are shifted by the same offset, so rows carry it too.",
         )
         mitm_errors.install()
 
@@ -142,18 +146,16 @@ class Metrion:
             store.start()
         except Exception as e:
             raise exceptions.OptionsError(f"metrion: cannot open database {config.database}: {e}") from None
-        budgets = Budgets(config.budgets, clock=file_clock(ctx.options.metrion_test_clock))
-        if config.budgets.any:
-            conn = connect(config.database)
-            try:
-                budgets.seed(conn)  # a restart neither forgets nor double-counts this period's spend
-            finally:
-                conn.close()
+        pricer = Pricer(config.price_overrides)
+        gate = Gate(config.budgets, pricer, file_clock(ctx.options.metrion_test_clock), config.alerts)
+        gate.start(config.database, connect)  # seeds this period's spend: a restart neither forgets nor double-counts
         if self.store is not None:
             self.store.close()
-        self.config, self.store, self.budgets = config, store, budgets
+        if self.gate is not None:
+            self.gate.close()
+        self.config, self.store, self.budgets, self.gate = config, store, gate.budgets, gate
         self.auth = Authenticator(config.accounts)
-        self.pricer = Pricer(config.price_overrides)
+        self.pricer = pricer
         log.info(
             "metrion: %d account(s) from %s, recording to %s",
             len(config.accounts),
@@ -182,6 +184,8 @@ class Metrion:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self.gate is not None:
+            self.gate.close()
 
     def client_disconnected(self, client: connection.Client) -> None:
         """Flows of this client that got neither `response` nor `error`: mitmproxy gave up on the connection
@@ -225,7 +229,7 @@ class Metrion:
 
     def _track(self, flow: http.HTTPFlow) -> Pending:
         req = flow.request
-        p = Pending(started=req.timestamp_start, method=clean_label(req.method) or "?", path="?")
+        p = Pending(started=req.timestamp_start + self._shift(), method=clean_label(req.method) or "?", path="?")
         self._pending[flow.id] = p
         self._client_of[flow.id] = flow.client_conn.id
         return p
@@ -239,6 +243,7 @@ class Metrion:
         p.client = clean_label(req.headers.get("user-agent"))
         p.session_id = clean_label(req.headers.get("x-claude-code-session-id"))
         p.user = clean_label(req.headers.get(USER_HEADER))
+        asserted_user = req.headers.get(USER_HEADER)
 
         bad = malformed_headers(req.headers)
         decision = self.auth.authenticate(req.headers) if bad is None else AuthError(bad[2], bad[0], bad[1])
@@ -248,6 +253,15 @@ class Metrion:
             self._answer(flow, p, decision.status, decision.error_type, decision.message)
             return
         p.account, p.mode = decision.account.name, decision.mode
+        try:
+            p.user = resolve_user(decision.user, asserted_user, self.config.bound_user_header)
+        except UserConflict as e:
+            p.user = decision.user
+            self._answer(flow, p, 403, "permission_error", f"{e}; remove the header", record_as="user_conflict")
+            return
+        except LabelError as e:
+            self._answer(flow, p, 400, "invalid_request_error", f"x-metrion-user: {e}", record_as="invalid_user")
+            return
         if not self._within_limits(flow, p):
             return
         for name in decision.remove_headers:
@@ -264,13 +278,22 @@ class Metrion:
         if p is None or flow.request.stream:
             return
         try:
-            p.model = request_model(flow.request.raw_content or b"", flow.request.headers.get("content-type", ""))
+            raw = flow.request.raw_content or b""
+            body = request_json(raw, flow.request.headers.get("content-type", ""))  # parsed once, used twice
+            p.model = model_of(body)
             if p.local_error is not None or flow.response is not None:
                 return  # refused already; the model is only for the record
-            assert self.config is not None and self.pricer is not None
+            assert self.config is not None and self.pricer is not None and self.gate is not None
             if self.config.budgets.block_unknown_models and p.model and not self.pricer.knows(p.model, p.started):
                 msg = f"model {p.model!r} has no known price, and this metrion proxy refuses unpriced models"
                 self._answer(flow, p, 403, "permission_error", msg, record_as="unknown_model_blocked")
+                return
+            if p.account is not None:
+                refusal, headers = self.gate.at_body(_ticket(p), p.account, p.user, p.path, p.started, len(raw), body)
+                if refusal is not None:
+                    self._refuse(flow, p, refusal)
+                elif headers is not None:
+                    flow.metadata["metrion_budget_headers"] = headers
         except Exception:
             log.exception("metrion: error while reading a request body; it was refused, not forwarded")
             self._answer(
@@ -292,14 +315,25 @@ class Metrion:
             )
             self._answer(flow, p, 413, "request_too_large", msg, record_as="unknown_model_blocked")
             return False
-        check = self.budgets.check(p.account, p.user)
-        if check.blocked is not None:
-            retry = str(self.budgets.retry_after(check.blocked))
-            msg = check.blocked.message()
-            self._answer(flow, p, 429, "rate_limit_error", msg, record_as="budget_exceeded", retry_after=retry)
+        assert self.gate is not None
+        req = flow.request
+        refusal, headers = self.gate.at_headers(
+            _ticket(p), p.account, p.user, p.path, p.started, bool(req.stream), req.headers.get("content-length")
+        )
+        if refusal is not None:
+            self._refuse(flow, p, refusal)
             return False
-        flow.metadata["metrion_budget_headers"] = response_headers(check)
+        flow.metadata["metrion_budget_headers"] = headers
         return True
+
+    def _refuse(self, flow: http.HTTPFlow, p: Pending, r: Refusal) -> None:
+        self._answer(flow, p, r.status, r.error_type, r.message, record_as=r.record_as, retry_after=r.retry_after)
+
+    def _shift(self) -> float:
+        """Testing only (metrion_test_clock): how far the test clock is from the real one."""
+        if self.budgets is None or not ctx.options.metrion_test_clock:
+            return 0.0
+        return self.budgets.clock() - time.time()
 
     def _answer(
         self,
@@ -411,6 +445,9 @@ class Metrion:
         """Build the row, queue it for the writer, and count its cost toward budgets."""
         if self.pricer is None or self.store is None:
             return
+        if shift := self._shift():
+            kw["ended_at"] += shift
+            kw["headers_at"] = kw["headers_at"] + shift if kw.get("headers_at") is not None else None
         try:
             row = finish(p, pricer=self.pricer, **kw)
         except Exception:  # never lose the row over a bug in accounting: keep what is certain
@@ -429,8 +466,13 @@ class Metrion:
                 "error": "metrion_internal_error",
             }
         self.store.put(row)
-        if self.budgets is not None:
-            self.budgets.add(row.get("account"), row.get("user"), row.get("cost_usd"))
+        if self.gate is not None:  # the real cost replaces the reservation, in the periods of the start time
+            self.gate.settle(_ticket(p), row.get("account"), row.get("user"), row.get("cost_usd"), p.started)
+
+
+def _ticket(p: Pending) -> str:
+    """A request's budget ticket: the Pending lives from admission until its row is stored (settle)."""
+    return f"p{id(p)}"
 
 
 def _large_or_unknown_body(req: http.Request) -> bool:

@@ -17,7 +17,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from metrion_addon.budget import PERIODS, AccountBudgets, BudgetSettings, Limit
+from metrion_addon.alerts import AlertHook
+from metrion_addon.budget import ALERT_EVENTS, PERIODS, AccountBudgets, BudgetSettings, Limit
+from metrion_addon.labels import LabelError, label_key
 
 TOKEN_PREFIX = "sk-metrion-"
 _SHA256_RE = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
@@ -35,6 +37,7 @@ class Account:
     token_hashes: tuple[bytes, ...]
     anthropic_api_key: str | None = field(default=None, repr=False)
     allow_passthrough: bool = True
+    token_users: tuple[str | None, ...] = ()  # per token (same order as token_hashes): the user it is bound to
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class Config:
     price_overrides: tuple[PriceOverride, ...] = ()
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
+    bound_user_header: str = "refuse"  # a token-bound user and a different x-metrion-user: refuse (403) | ignore
+    alerts: tuple[AlertHook, ...] = ()
 
 
 def hash_token(token: str) -> bytes:
@@ -243,12 +248,17 @@ _TOP_KEYS = (
     "budget_timezone",
     "block_unknown_models",
     "reconcile",
+    "bound_user_header",
+    "unknown_model_budget",
+    "alerts",
 )
 _ACCOUNT_KEYS = ("name", "tokens", "anthropic_api_key", "allow_passthrough", "budget", "user_budget", "user_budgets")
 _LIMIT_KEYS = ("usd", "enforce")
 _PRICING_KEYS = ("overrides",)
 _OVERRIDE_KEYS = ("prefix", *_PRICE_FIELDS)
 _RECONCILE_KEYS = ("admin_api_key", "base_url")
+_TOKEN_KEYS = ("token", "user")
+_ALERT_KEYS = ("url", "on")
 _URL_RE = re.compile(r"^https?://[^/\s]+$")
 
 
@@ -271,6 +281,51 @@ def _limits(ctx: _Ctx, node: _Node, where: str) -> tuple[Limit, ...]:
     return tuple(limits)
 
 
+def _user_key(ctx: _Ctx, node: _Node, where: str, label: object) -> str:
+    """A user label from the config, as budgets compare it (labels.label_key)."""
+    try:
+        key = label_key(label) if isinstance(label, str) else None
+    except LabelError as e:
+        raise ctx.fail(where, node, str(e)) from None
+    if key is None:
+        raise ctx.fail(where, node, "must be a non-empty user label")
+    return key
+
+
+def _token(ctx: _Ctx, node: _Node, where: str) -> tuple[bytes, str | None]:
+    """A token: a plain string, or {token: ..., user: alice} for a token bound to its user."""
+    if not isinstance(node.value, dict):
+        return _token_hash(ctx, node, where), None
+    tok = ctx.mapping(node, where, _TOKEN_KEYS)
+    if "token" not in tok:
+        raise ctx.fail(f"{where}.token", node, "required")
+    user = None
+    if "user" in tok:
+        user = _user_key(ctx, tok["user"], f"{where}.user", ctx.string(tok["user"], f"{where}.user"))
+    return _token_hash(ctx, tok["token"], f"{where}.token"), user
+
+
+def _alerts(ctx: _Ctx, node: _Node) -> tuple[AlertHook, ...]:
+    hooks = []
+    for i, a_node in enumerate(ctx.sequence(node, "alerts")):
+        where = f"alerts[{i}]"
+        a = ctx.mapping(a_node, where, _ALERT_KEYS)
+        if "url" not in a:
+            raise ctx.fail(f"{where}.url", a_node, "required")
+        url = ctx.string(a["url"], f"{where}.url")
+        if not url.startswith(("http://", "https://")):
+            raise ctx.fail(f"{where}.url", a["url"], "must be an http:// or https:// URL")
+        on = frozenset(ALERT_EVENTS)
+        if "on" in a:
+            events = [ctx.string(e, f"{where}.on") for e in ctx.sequence(a["on"], f"{where}.on")]
+            bad = [e for e in events if e not in ALERT_EVENTS]
+            if bad or not events:
+                raise ctx.fail(f"{where}.on", a["on"], f"must list some of {', '.join(ALERT_EVENTS)}")
+            on = frozenset(events)
+        hooks.append(AlertHook(url, on))
+    return tuple(hooks)
+
+
 def _account_budgets(ctx: _Ctx, acc: dict[str, _Node], where: str) -> AccountBudgets | None:
     if not any(k in acc for k in ("budget", "user_budget", "user_budgets")):
         return None
@@ -279,7 +334,12 @@ def _account_budgets(ctx: _Ctx, acc: dict[str, _Node], where: str) -> AccountBud
         node = acc["user_budgets"]
         if not isinstance(node.value, dict):
             raise ctx.fail(f"{where}.user_budgets", node, "must be a mapping of user label -> limits")
-        users = {u: _limits(ctx, n, f"{where}.user_budgets.{u}") for u, n in node.value.items()}
+        for u, n in node.value.items():
+            uw = f"{where}.user_budgets.{u}"
+            key = _user_key(ctx, n, uw, u)
+            if key in users:
+                raise ctx.fail(uw, n, f"is the same user as another entry (labels compare as {key!r})")
+            users[key] = _limits(ctx, n, uw)
     return AccountBudgets(
         account=_limits(ctx, acc["budget"], f"{where}.budget") if "budget" in acc else (),
         user_default=_limits(ctx, acc["user_budget"], f"{where}.user_budget") if "user_budget" in acc else (),
@@ -344,13 +404,15 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
         if "tokens" not in acc:
             raise ctx.fail(f"{where}.tokens", acc_node, "required (a list of proxy tokens)")
         hashes: list[bytes] = []
+        token_users: list[str | None] = []
         for j, tok_node in enumerate(ctx.sequence(acc["tokens"], f"{where}.tokens")):
             tw = f"{where}.tokens[{j}]"
-            h = _token_hash(ctx, tok_node, tw)
+            h, bound = _token(ctx, tok_node, tw)
             if h in seen_tokens:
                 raise ctx.fail(tw, tok_node, f"duplicate token (already used at {seen_tokens[h]})")
             seen_tokens[h] = tw
             hashes.append(h)
+            token_users.append(bound)
         if not hashes:
             raise ctx.fail(f"{where}.tokens", acc["tokens"], "must hold at least one token")
         key = None
@@ -363,7 +425,7 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
             raise ctx.fail(
                 where, acc_node, "needs anthropic_api_key (managed mode) or allow_passthrough: true, or both"
             )
-        accounts.append(Account(name, tuple(hashes), key, passthrough))
+        accounts.append(Account(name, tuple(hashes), key, passthrough, tuple(token_users)))
         spec = _account_budgets(ctx, acc, where)
         if spec is not None:
             budgets[name] = spec
@@ -379,7 +441,18 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
         except (ZoneInfoNotFoundError, ValueError):
             raise ctx.fail("budget_timezone", top["budget_timezone"], f"unknown time zone {tz!r}") from None
     block = ctx.boolean(top["block_unknown_models"], "block_unknown_models") if "block_unknown_models" in top else False
-    kw["budgets"] = BudgetSettings(timezone=tz, block_unknown_models=block, accounts=budgets)
+    unknown = "max_rate"
+    if "unknown_model_budget" in top:
+        unknown = ctx.string(top["unknown_model_budget"], "unknown_model_budget")
+        if unknown not in ("max_rate", "refuse"):
+            raise ctx.fail("unknown_model_budget", top["unknown_model_budget"], "must be 'max_rate' or 'refuse'")
+    kw["budgets"] = BudgetSettings(timezone=tz, block_unknown_models=block, accounts=budgets, unknown_model=unknown)
+    if "bound_user_header" in top:
+        kw["bound_user_header"] = ctx.string(top["bound_user_header"], "bound_user_header")
+        if kw["bound_user_header"] not in ("refuse", "ignore"):
+            raise ctx.fail("bound_user_header", top["bound_user_header"], "must be 'refuse' (403) or 'ignore'")
+    if "alerts" in top:
+        kw["alerts"] = _alerts(ctx, top["alerts"])
 
     if "pricing" in top:
         pricing = ctx.mapping(top["pricing"], "pricing", _PRICING_KEYS)
