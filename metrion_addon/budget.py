@@ -208,9 +208,11 @@ class Budgets:
             states.append(BudgetState(scope, lim, self._spent.get(key, 0.0), start, end, self._reserved.get(key, 0.0)))
         return states
 
-    def check(self, account: str, user: str | None, amount: float = 0.0, now: float | None = None) -> Check:
+    def check(
+        self, account: str, user: str | None, amount: float = 0.0, now: float | None = None, alert: bool = True
+    ) -> Check:
         """Whether a request of worst-case cost `amount` fits every hard budget (amount 0: whether any is used
-        up, counting what requests in flight have reserved)."""
+        up, counting what requests in flight have reserved). A refusal is the `hard` alert (when `alert`)."""
         now = self.clock() if now is None else now
         states = self.states(account, user, now)
         if not states:
@@ -225,7 +227,7 @@ class Budgets:
             if key not in self._warned:
                 self._warned.add(key)
                 log.warning("metrion: soft limit reached: %s", s.message())
-        for s in hard:
+        for s in hard if alert else ():
             self._alert("hard", s)  # a request refused by a hard limit
         blocked = max(hard, key=lambda s: s.resets_at, default=None)  # passes only once all have reset
         asked = amount if blocked is not None and not blocked.exceeded else 0.0
@@ -253,7 +255,7 @@ class Budgets:
                 t.amount += amount
                 for key in t.keys:
                     self._reserved[key] = self._reserved.get(key, 0.0) + amount
-            check = self.check(account, user, now=started)  # remaining now counts this reservation
+            check = self.check(account, user, now=started, alert=False)  # remaining counts this reservation
         return check
 
     def settle(self, ticket: str, cost: float | None) -> bool:
@@ -338,12 +340,12 @@ class Budgets:
         Rows are counted by their `ts`, the request's start time: the same periods the live counter used."""
         now = self.clock() if now is None else now
         for period in PERIODS:
-            start, _ = self.period(period, now)
-            since = start.astimezone(ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+            start, end = self.period(period, now)
+            since, until = (t.astimezone(ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%S.000Z") for t in (start, end))
             rows = conn.execute(
-                "SELECT account, user, SUM(cost_usd) FROM requests WHERE ts >= ? AND account IS NOT NULL "
+                "SELECT account, user, SUM(cost_usd) FROM requests WHERE ts >= ? AND ts < ? AND account IS NOT NULL "
                 "AND cost_usd IS NOT NULL GROUP BY account, user",
-                (since,),
+                (since, until),
             ).fetchall()
             for account, user, total in rows:
                 for scope, lim in self._limits(account, db_label_key(user)):

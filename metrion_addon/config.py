@@ -117,6 +117,8 @@ def _convert(node: yaml.Node) -> _Node:
         out: dict[str, _Node] = {}
         for key_node, value_node in node.value:
             key = _LOADER.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            if key is True and key_node.value.lower() == "on":  # YAML 1.1 reads a bare `on` as true
+                key = "on"
             if not isinstance(key, str):
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: mapping keys must be plain names")
             if key in out:

@@ -67,6 +67,7 @@ class Scenario:
     repeat_usage_in_delta: bool = True  # message_delta repeats input/cache/server-tool fields (cumulative)
     reset_after: int | None = None  # SSE: reset the connection (TCP RST) after this many events
     hold_open: float = 0.0  # SSE: seconds to keep the stream open after its last event, before ending it
+    gate: threading.Event | None = None  # wait for it (<= 30 s): JSON before the response, SSE before the last event
 
 
 @dataclass
@@ -293,6 +294,8 @@ class _Handler(BaseHTTPRequestHandler):
             sc = replace(sc, usage={**sc.usage, "input_tokens": int(tin), "output_tokens": int(tout)})
         if sc.delay:
             time.sleep(sc.delay)
+        if sc.gate is not None and not (sc.stream if sc.stream is not None else req.get("stream") is True):
+            sc.gate.wait(30)
         model = sc.model or (req.get("model") if isinstance(req.get("model"), str) else None) or "claude-sonnet-5-5"
         path = self.path.partition("?")[0]
         msg_id = "msg_" + rid.removeprefix("req_")
@@ -373,6 +376,8 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 if i and sc.event_delay:
                     time.sleep(sc.event_delay)
+                if sc.gate is not None and i == len(events) - 1:
+                    sc.gate.wait(30)
                 yield encode_event(name, data)
 
         try:
