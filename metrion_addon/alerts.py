@@ -122,3 +122,25 @@ class Alerter:
 def _safe_url(url: str) -> str:
     """The URL without its query (a webhook token often sits there)."""
     return url.partition("?")[0]
+
+
+def parse_alerts(ctx: Any, node: Any) -> tuple[AlertHook, ...]:
+    """`alerts:` of the config (ctx and node are config.py's validation context and YAML node)."""
+    hooks = []
+    for i, a_node in enumerate(ctx.sequence(node, "alerts")):
+        where = f"alerts[{i}]"
+        a = ctx.mapping(a_node, where, ("url", "on"))
+        if "url" not in a:
+            raise ctx.fail(f"{where}.url", a_node, "required")
+        url = ctx.string(a["url"], f"{where}.url")
+        if not url.startswith(("http://", "https://")):
+            raise ctx.fail(f"{where}.url", a["url"], "must be an http:// or https:// URL")
+        on = frozenset(ALERT_EVENTS)
+        if "on" in a:
+            events = [ctx.string(e, f"{where}.on") for e in ctx.sequence(a["on"], f"{where}.on")]
+            bad = [e for e in events if e not in ALERT_EVENTS]
+            if bad or not events:
+                raise ctx.fail(f"{where}.on", a["on"], f"must list some of {', '.join(ALERT_EVENTS)}")
+            on = frozenset(events)
+        hooks.append(AlertHook(url, on))
+    return tuple(hooks)

@@ -17,8 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from metrion_addon.alerts import AlertHook
-from metrion_addon.budget import ALERT_EVENTS, PERIODS, AccountBudgets, BudgetSettings, Limit
+from metrion_addon.alerts import AlertHook, parse_alerts
+from metrion_addon.budget import PERIODS, AccountBudgets, BudgetSettings, Limit
 from metrion_addon.labels import LabelError, label_key
 
 TOKEN_PREFIX = "sk-metrion-"
@@ -260,7 +260,6 @@ _PRICING_KEYS = ("overrides",)
 _OVERRIDE_KEYS = ("prefix", *_PRICE_FIELDS)
 _RECONCILE_KEYS = ("admin_api_key", "base_url")
 _TOKEN_KEYS = ("token", "user")
-_ALERT_KEYS = ("url", "on")
 _URL_RE = re.compile(r"^https?://[^/\s]+$")
 
 
@@ -305,27 +304,6 @@ def _token(ctx: _Ctx, node: _Node, where: str) -> tuple[bytes, str | None]:
     if "user" in tok:
         user = _user_key(ctx, tok["user"], f"{where}.user", ctx.string(tok["user"], f"{where}.user"))
     return _token_hash(ctx, tok["token"], f"{where}.token"), user
-
-
-def _alerts(ctx: _Ctx, node: _Node) -> tuple[AlertHook, ...]:
-    hooks = []
-    for i, a_node in enumerate(ctx.sequence(node, "alerts")):
-        where = f"alerts[{i}]"
-        a = ctx.mapping(a_node, where, _ALERT_KEYS)
-        if "url" not in a:
-            raise ctx.fail(f"{where}.url", a_node, "required")
-        url = ctx.string(a["url"], f"{where}.url")
-        if not url.startswith(("http://", "https://")):
-            raise ctx.fail(f"{where}.url", a["url"], "must be an http:// or https:// URL")
-        on = frozenset(ALERT_EVENTS)
-        if "on" in a:
-            events = [ctx.string(e, f"{where}.on") for e in ctx.sequence(a["on"], f"{where}.on")]
-            bad = [e for e in events if e not in ALERT_EVENTS]
-            if bad or not events:
-                raise ctx.fail(f"{where}.on", a["on"], f"must list some of {', '.join(ALERT_EVENTS)}")
-            on = frozenset(events)
-        hooks.append(AlertHook(url, on))
-    return tuple(hooks)
 
 
 def _account_budgets(ctx: _Ctx, acc: dict[str, _Node], where: str) -> AccountBudgets | None:
@@ -454,7 +432,7 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
         if kw["bound_user_header"] not in ("refuse", "ignore"):
             raise ctx.fail("bound_user_header", top["bound_user_header"], "must be 'refuse' (403) or 'ignore'")
     if "alerts" in top:
-        kw["alerts"] = _alerts(ctx, top["alerts"])
+        kw["alerts"] = parse_alerts(ctx, top["alerts"])
 
     if "pricing" in top:
         pricing = ctx.mapping(top["pricing"], "pricing", _PRICING_KEYS)
