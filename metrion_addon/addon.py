@@ -465,9 +465,14 @@ class Metrion:
                 "completed": 0,
                 "error": "metrion_internal_error",
             }
-        self.store.put(row)
         if self.gate is not None:  # the real cost replaces the reservation, in the periods of the start time
-            self.gate.settle(_ticket(p), row.get("account"), row.get("user"), row.get("cost_usd"), p.started)
+            try:
+                charged = self.gate.settle(_ticket(p), p.account, row.get("user"), row.get("cost_usd"), p.started)
+                if charged is not None:
+                    row["budget_usd"] = charged  # unpriced: counted at its reservation, after a restart too
+            except Exception:
+                log.exception("metrion: failed to count a request toward its budgets")
+        self.store.put(row)
 
 
 def _ticket(p: Pending) -> str:

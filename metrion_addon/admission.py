@@ -139,12 +139,20 @@ class Gate:
             return Refusal(403, "permission_error", msg, "unknown_model_blocked"), None
         return self._reserve(ticket, account, user, started, e)
 
-    def settle(self, ticket: str, account: str | None, user: str | None, cost: float | None, started: float) -> None:
-        """The row is priced: its cost replaces the reservation, in the periods of the request's start."""
+    def settle(
+        self, ticket: str, account: str | None, user: str | None, cost: float | None, started: float
+    ) -> float | None:
+        """The row is priced: its cost replaces the reservation, in the periods of the request's start. A request
+        without a price (unknown model, unreadable usage) counts as its reservation, the bound it was admitted
+        under; that amount is returned, for the row's `budget_usd`, so a restart and the report count it too."""
+        charged = None
+        if cost is None and self.budgets.reserved_for(ticket) > 0:
+            charged = cost = self.budgets.reserved_for(ticket)
         if not self.budgets.settle(ticket, cost):
             self.budgets.add(account, user, cost, now=started)
         elif self.inflight is not None:
             self.inflight.changed()
+        return charged
 
     # -- helpers -----------------------------------------------------------------------------------
 

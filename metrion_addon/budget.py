@@ -339,12 +339,14 @@ class Budgets:
 
         Rows are counted by their `ts`, the request's start time: the same periods the live counter used."""
         now = self.clock() if now is None else now
+        has_budget_usd = any(r[1] == "budget_usd" for r in conn.execute("PRAGMA table_info(requests)"))
+        cost = "COALESCE(cost_usd, budget_usd)" if has_budget_usd else "cost_usd"  # unpriced: its reservation
         for period in PERIODS:
             start, end = self.period(period, now)
             since, until = (t.astimezone(ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%S.000Z") for t in (start, end))
             rows = conn.execute(
-                "SELECT account, user, SUM(cost_usd) FROM requests WHERE ts >= ? AND ts < ? AND account IS NOT NULL "
-                "AND cost_usd IS NOT NULL GROUP BY account, user",
+                f"SELECT account, user, SUM({cost}) FROM requests WHERE ts >= ? AND ts < ? AND account IS NOT NULL "
+                f"AND {cost} IS NOT NULL GROUP BY account, user",
                 (since, until),
             ).fetchall()
             for account, user, total in rows:

@@ -72,6 +72,7 @@ _V1_COLUMNS: dict[str, type] = {
 COLUMNS: dict[str, type] = {
     **_V1_COLUMNS,
     "response_model": str,  # the model the response named (what was billed; repricing uses it)
+    "budget_usd": float,  # set only when cost_usd is NULL: what budgets counted (the request's reservation)
 }
 INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
 _INT64 = range(-(2**63), 2**63)
@@ -146,7 +147,11 @@ def _m002_response_model(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("response_model", str)  # type: ignore[union-attr]
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_requests, _m002_response_model]
+def _m003_budget_usd(db: sqlite_utils.Database) -> None:
+    db["requests"].add_column("budget_usd", float)  # type: ignore[union-attr]
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_requests, _m002_response_model, _m003_budget_usd]
 
 
 def connect(path: Path) -> sqlite3.Connection:

@@ -270,3 +270,31 @@ def test_inflight_file_round_trip_and_dead_writers_are_ignored(tmp_path: Path) -
     entry = {"account": "acme", "user": None, "is_user": False, "period": "daily", "usd": 1}
     dead.write_text(json.dumps({"pid": 2**22 + 7, "reserved": [{**entry, "period_start": "2026-11-28T00:00:00Z"}]}))
     assert read_inflight(db) == [] and os.path.exists(dead)
+
+
+def test_an_unpriced_request_counts_at_its_reservation_live_and_after_restart(tmp_path: Path) -> None:
+    from metrion_addon.record import iso_ms
+    from metrion_addon.store import Store, connect
+
+    gate = Gate(settings(), PRICER, Clock())
+    body = {"model": "claude-nobody-9", "max_tokens": 10, "messages": []}
+    gate.at_headers("u", "acme", "bob", "/v1/messages", NOW)
+    gate.at_body("u", "acme", "bob", "/v1/messages", NOW, 100, body)
+    held = gate.budgets.reserved_for("u")
+    assert held > 0 and gate.settle("u", "acme", "bob", None, NOW) == held  # no price: its worst case counts
+    assert gate.settle("v", "acme", "bob", 0.01, NOW) is None  # no ticket: counted as priced
+    live = gate.budgets.check("acme", "bob").remaining
+
+    db = tmp_path / "m.db"
+    store = Store(db)
+    store.start()
+    store.put({"ts": iso_ms(NOW), "account": "acme", "user": "Bob", "cost_usd": None, "budget_usd": held})
+    store.put({"ts": iso_ms(NOW), "account": "acme", "user": "bob", "cost_usd": 0.01})
+    store.close()
+    restarted = Budgets(settings(), Clock())
+    conn = connect(db)
+    try:
+        restarted.seed(conn)
+    finally:
+        conn.close()
+    assert restarted.check("acme", "bob").remaining == pytest.approx(live)
