@@ -340,3 +340,25 @@ def test_report_shows_what_is_reserved_in_flight(
     after = team_day()
     assert after["reserved_usd"] == 0 and after["spent_usd"] == pytest.approx(3 * COST)
     assert not list(tmp_path.glob("*.inflight-*"))
+
+
+def test_a_body_over_stream_large_bodies_reserves_its_size_at_the_top_rates(
+    fake: FakeUpstream, tmp_path: Path, started: list[Proxy]
+) -> None:
+    """Such a body goes upstream before metrion can read it: its Content-Length bounds the prompt, the most
+    expensive known rates and 128k output tokens the rest. Under $1 that cannot fit; under $100 it does."""
+    fake.add("big", Scenario(usage=SMALL))
+    proxy = run(started, tmp_path, fake, config("{daily: 1}", user_budget="{daily: 100}"), "--set",
+                "stream_large_bodies=1k")  # fmt: skip
+    before = len(fake.order)
+    # Refused without reading the body: the connection is closed.
+    with httpx.Client(base_url=proxy.url, timeout=30) as c, pytest.raises(httpx.HTTPError):
+        post(c, "big", content="y" * 4000)
+    assert len(fake.order) == before
+    assert team_rows(proxy, 1)[0]["error"] == "budget_exceeded"
+    stop_proxy(started.pop())
+    proxy = run(started, tmp_path, fake, config("{daily: 100}", user_budget="{daily: 100}"), "--set",
+                "stream_large_bodies=1k")  # fmt: skip
+    with httpx.Client(base_url=proxy.url, timeout=30) as c:
+        answer = post(c, "big", content="y" * 4000)
+    assert answer.status_code == 200 and float(answer.headers["x-metrion-budget-reserved-usd"]) > 10
