@@ -78,13 +78,6 @@ def label_key(value: str | None) -> str | None:
     return s
 
 
-def same_label(a: str | None, b: str | None) -> bool:
-    try:
-        return label_key(a) == label_key(b)
-    except LabelError:
-        return False
-
-
 class UserConflict(ValueError):
     """x-metrion-user names another user than the one the token is bound to."""
 

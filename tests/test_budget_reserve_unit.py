@@ -298,3 +298,20 @@ def test_an_unpriced_request_counts_at_its_reservation_live_and_after_restart(tm
     finally:
         conn.close()
     assert restarted.check("acme", "bob").remaining == pytest.approx(live)
+
+
+def test_overshoot_is_at_most_the_estimation_error() -> None:
+    """Requests that cost more than they reserved (an estimate beaten) overshoot by exactly that, no more."""
+    b = Budgets(settings(), Clock())
+    admitted = []
+    for i in range(10):
+        b.open(f"t{i}", "acme", f"u{i}", NOW)
+        if b.reserve(f"t{i}", "acme", f"u{i}", 0.3, NOW).blocked is None:
+            admitted.append(f"t{i}")
+    for t in admitted:
+        b.settle(t, 0.45)  # 0.15 more than reserved, each
+    day = next(s for s in b.states("acme", None) if s.limit.period == "daily")
+    assert len(admitted) == 3 and day.spent == pytest.approx(1.35)
+    assert day.spent <= day.limit.usd + len(admitted) * 0.15 + 1e-9
+    b.open("late", "acme", "x", NOW)
+    assert b.reserve("late", "acme", "x", 0.01, NOW).blocked is not None  # used up: nothing more gets in
