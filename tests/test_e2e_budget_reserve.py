@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -78,6 +79,14 @@ def body_of(content: str, max_tokens: int = 100, stream: bool = False) -> bytes:
     if stream:
         body["stream"] = True
     return json.dumps(body).encode()
+
+
+def until(condition: Callable[[], bool], timeout: float = 15) -> None:
+    """Poll a state the test controls (no sleeping for a guessed duration); fail rather than hang."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for a condition"
+        time.sleep(0.01)
 
 
 def team_rows(proxy: Proxy, n: int) -> list[dict[str, Any]]:
@@ -190,8 +199,7 @@ def test_a_stream_across_midnight_counts_in_its_start_day_live_and_after_restart
         box: list[httpx.Response] = []
         t = threading.Thread(target=lambda: box.append(post(c, "midnight", stream=True)))
         t.start()
-        while len(fake.order) == before:  # the stream is admitted and upstream: its start time is taken
-            gate.wait(0.01)
+        until(lambda: len(fake.order) > before)  # the stream is admitted and upstream: its start time is taken
         clock.write_text(str(day2))  # midnight passes while it streams
         gate.set()
         t.join(30)
@@ -325,11 +333,11 @@ def test_report_shows_what_is_reserved_in_flight(
 
     with httpx.Client(base_url=proxy.url, timeout=30) as c, ThreadPoolExecutor(3) as ex:
         futures = [ex.submit(post, c, "stall", None, TOKEN, "x" * 1000 * (i + 1)) for i in range(3)]
-        while len(fake.order) < before + 3:  # all three are upstream, held by the gate
-            gate.wait(0.01)
+        until(lambda: len(fake.order) >= before + 3)  # all three are upstream, held by the gate
         expected = sum(float(e.usd) for e in map(worst_case, bodies))
-        while (held := team_day())["reserved_usd"] < expected - 1e-9:  # the proxy publishes its reservations
-            gate.wait(0.01)
+        seen: list[dict[str, Any]] = []
+        until(lambda: seen.append(team_day()) or seen[-1]["reserved_usd"] >= expected - 1e-9)  # published
+        held = seen[-1]
         gate.set()
         answers = [f.result() for f in futures]
     proxy_reserved = sum(float(a.headers["x-metrion-budget-reserved-usd"]) for a in answers)
