@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 PERIODS = ("daily", "monthly")
 ALERT_EVENTS = ("soft", "hard_80", "hard")
 _EPS = 1e-12  # float noise: a reservation that fits to the last bit fits
+RETAIN_DAYS = 3  # past periods kept in memory (a request still in flight settles into the period it started in)
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,7 @@ class Budgets:
         self._tickets: dict[str, Ticket] = {}
         self._warned: set[Key] = set()
         self._alerted: set[tuple[Key, str]] = set()
+        self._pruned_on: datetime | None = None
         self.lock = threading.Lock()  # the event loop mutates; the in-flight file writer thread reads
 
     # -- periods -----------------------------------------------------------------------------------
@@ -245,6 +247,7 @@ class Budgets:
         )
         if keys:
             self._tickets[ticket] = Ticket(keys)
+            self._prune(started)
 
     def reserve(self, ticket: str, account: str, user: str | None, amount: float, started: float) -> Check:
         """Reserve `amount` for an open ticket if it fits every hard budget; the Check says whether it did."""
@@ -275,6 +278,23 @@ class Budgets:
         if cost:
             self._after_spend(t.keys)
         return True
+
+    def _prune(self, now: float) -> None:
+        """Forget periods that ended over RETAIN_DAYS ago (once a day): memory stays bounded as days pass."""
+        day = self.period("daily", now)[0]
+        if day == self._pruned_on:
+            return
+        self._pruned_on = day
+        cutoff = day - timedelta(days=RETAIN_DAYS)
+
+        def old(key: Key) -> bool:
+            return key not in self._reserved and self.period(key[1], key[2].timestamp())[1] < cutoff
+
+        with self.lock:
+            for key in [k for k in self._spent if old(k)]:
+                del self._spent[key]
+        self._warned = {k for k in self._warned if not old(k)}
+        self._alerted = {m for m in self._alerted if not old(m[0])}
 
     def open_ticket(self, ticket: str) -> bool:
         return ticket in self._tickets

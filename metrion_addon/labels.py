@@ -65,7 +65,7 @@ def label_key(value: str | None) -> str | None:
     Raises LabelError for a label that mixes scripts (see the module docstring)."""
     if value is None:
         return None
-    s = unicodedata.normalize("NFKC", valid_utf8(value))
+    s = unicodedata.normalize("NFKC", valid_utf8(value[: LABEL_MAX * 4]))  # a huge header costs no more
     s = _strip_invisible(s)
     s = _SPACE_RE.sub(" ", s).strip()
     s = unicodedata.normalize("NFKC", s.casefold())

@@ -315,3 +315,15 @@ def test_overshoot_is_at_most_the_estimation_error() -> None:
     assert day.spent <= day.limit.usd + len(admitted) * 0.15 + 1e-9
     b.open("late", "acme", "x", NOW)
     assert b.reserve("late", "acme", "x", 0.01, NOW).blocked is not None  # used up: nothing more gets in
+
+
+def test_past_periods_are_forgotten_but_current_ones_kept() -> None:
+    clock = Clock()
+    b = Budgets(settings(), clock)
+    b.add("acme", "bob", 0.4, now=NOW)
+    for day in range(1, 40):
+        clock.now = NOW + day * 86400
+        b.open(f"t{day}", "acme", "bob", clock.now)
+        b.settle(f"t{day}", 0.01)
+    days = {k[2] for k in b._spent if k[1] == "daily"}
+    assert len(days) <= 5 and b.check("acme", "bob").remaining == pytest.approx(0.49)  # today and 4 before
