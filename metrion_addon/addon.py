@@ -15,14 +15,15 @@ import time
 from mitmproxy import connection, ctx, exceptions, http
 
 from metrion_addon import mitm_errors
-from metrion_addon.admission import Gate, Refusal
+from metrion_addon.admission import Gate, Refusal, user_for
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
+from metrion_addon.batch_hooks import CLIENT_PATH, BatchHooks
 from metrion_addon.budget import Budgets, file_clock
 from metrion_addon.config import Config, ConfigError, load_config
-from metrion_addon.labels import LabelError, UserConflict, resolve_user
+from metrion_addon.openai_compat import facts_for
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending, clean_label, finish, iso_ms, model_of, request_json, upstream_path
-from metrion_addon.store import Store, connect
+from metrion_addon.store import Store, connect, open_store, store_name
 from metrion_addon.text import is_clean_token
 from metrion_addon.usage import JsonTap, StreamTap
 
@@ -105,6 +106,7 @@ class Metrion:
         self.store: Store | None = None
         self.budgets: Budgets | None = None
         self.gate: Gate | None = None  # budget admission: reservations, alerts (admission.py)
+        self.batches: BatchHooks | None = None
         self._pending: dict[str, Pending] = {}
         self._client_of: dict[str, str] = {}  # flow id -> client connection id, for flows mitmproxy drops
 
@@ -125,8 +127,13 @@ class Metrion:
             "metrion_test_clock",
             str,
             "",
-            "Testing only: a file holding the current time (epoch seconds) for budget periods; request start "
-            "and end times are shifted by the same offset, so rows carry it too.",
+            "Testing only: a file holding the current time (epoch seconds) for budget periods and row times.",
+        )
+        loader.add_option(
+            "metrion_batch_poll_seconds",
+            int,
+            60,
+            "Managed mode: seconds between polls of one batch the proxy created (at least; backs off). 0: off.",
         )
         mitm_errors.install()
 
@@ -141,14 +148,17 @@ class Metrion:
             config = load_config(ctx.options.metrion_config)
         except ConfigError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from None
-        store = Store(config.database, max_backlog=max(1, ctx.options.metrion_max_backlog))
+        store = open_store(config, max_backlog=max(1, ctx.options.metrion_max_backlog))
         try:
             store.start()
         except Exception as e:
             raise exceptions.OptionsError(f"metrion: cannot open database {config.database}: {e}") from None
         pricer = Pricer(config.price_overrides)
         gate = Gate(config.budgets, pricer, file_clock(ctx.options.metrion_test_clock), config.alerts)
+        gate.test_clock = bool(ctx.options.metrion_test_clock)
         gate.start(config.database, connect)  # seeds this period's spend: a restart neither forgets nor double-counts
+        if self.batches is not None:
+            self.batches.close()
         if self.store is not None:
             self.store.close()
         if self.gate is not None:
@@ -156,12 +166,18 @@ class Metrion:
         self.config, self.store, self.budgets, self.gate = config, store, gate.budgets, gate
         self.auth = Authenticator(config.accounts)
         self.pricer = pricer
+        self.batches = BatchHooks(config, pricer, store, gate.budgets, ctx.options.metrion_batch_poll_seconds)
+        self.batches.start()
         log.info(
             "metrion: %d account(s) from %s, recording to %s",
             len(config.accounts),
             config.path,
-            config.database,
+            store_name(config),
         )
+
+    def running(self) -> None:
+        if self.batches is not None:
+            self.batches.running()
 
     def done(self) -> None:
         if self._pending:
@@ -181,6 +197,9 @@ class Metrion:
                     error=None if p.facts.completed else "proxy_shutdown",
                 )
             self._pending.clear()
+        if self.batches is not None:
+            self.batches.close()  # its last result rows go to the store before that closes
+            self.batches = None
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -238,12 +257,12 @@ class Metrion:
         assert self.auth is not None and self.config is not None
         req = flow.request
         p = self._track(flow)
+        flow.metadata[CLIENT_PATH] = req.path  # as the client sent it (for the batch results_url rewrite)
         req.path = upstream_path(req.path, self.config.path_prefix)
         p.path = clean_label(req.path.partition("?")[0]) or "/"
         p.client = clean_label(req.headers.get("user-agent"))
         p.session_id = clean_label(req.headers.get("x-claude-code-session-id"))
-        p.user = clean_label(req.headers.get(USER_HEADER))
-        asserted_user = req.headers.get(USER_HEADER)
+        p.user = clean_label(asserted_user := req.headers.get(USER_HEADER))
 
         bad = malformed_headers(req.headers)
         decision = self.auth.authenticate(req.headers) if bad is None else AuthError(bad[2], bad[0], bad[1])
@@ -253,15 +272,9 @@ class Metrion:
             self._answer(flow, p, decision.status, decision.error_type, decision.message)
             return
         p.account, p.mode = decision.account.name, decision.mode
-        try:
-            p.user = resolve_user(decision.user, asserted_user, self.config.bound_user_header)
-        except UserConflict as e:
-            p.user = decision.user
-            self._answer(flow, p, 403, "permission_error", f"{e}; remove the header", record_as="user_conflict")
-            return
-        except LabelError as e:
-            self._answer(flow, p, 400, "invalid_request_error", f"x-metrion-user: {e}", record_as="invalid_user")
-            return
+        p.user, refusal = user_for(decision.user, asserted_user, self.config.bound_user_header)
+        if refusal is not None:
+            return self._refuse(flow, p, refusal)
         if not self._within_limits(flow, p):
             return
         for name in decision.remove_headers:
@@ -289,7 +302,7 @@ class Metrion:
                 self._answer(flow, p, 403, "permission_error", msg, record_as="unknown_model_blocked")
                 return
             if p.account is not None:
-                refusal, headers = self.gate.at_body(_ticket(p), p.account, p.user, p.path, p.started, len(raw), body)
+                refusal, headers = self.gate.at_body(id(p), p.account, p.user, p.path, p.started, len(raw), body)
                 if refusal is not None:
                     self._refuse(flow, p, refusal)
                 elif headers is not None:
@@ -318,7 +331,7 @@ class Metrion:
         assert self.gate is not None
         req = flow.request
         refusal, headers = self.gate.at_headers(
-            _ticket(p), p.account, p.user, p.path, p.started, bool(req.stream), req.headers.get("content-length")
+            id(p), p.account, p.user, p.path, p.started, bool(req.stream), req.headers.get("content-length")
         )
         if refusal is not None:
             self._refuse(flow, p, refusal)
@@ -329,11 +342,8 @@ class Metrion:
     def _refuse(self, flow: http.HTTPFlow, p: Pending, r: Refusal) -> None:
         self._answer(flow, p, r.status, r.error_type, r.message, record_as=r.record_as, retry_after=r.retry_after)
 
-    def _shift(self) -> float:
-        """Testing only (metrion_test_clock): how far the test clock is from the real one."""
-        if self.budgets is None or not ctx.options.metrion_test_clock:
-            return 0.0
-        return self.budgets.clock() - time.time()
+    def _shift(self) -> float:  # metrion_test_clock only: how far the test clock is from the real one
+        return self.gate.shift() if self.gate is not None else 0.0
 
     def _answer(
         self,
@@ -368,10 +378,13 @@ class Metrion:
         resp = flow.response
         p.status, p.request_id, p.headers_at = resp.status_code, resp.headers.get("request-id"), resp.timestamp_start
         resp.headers.update(flow.metadata.get("metrion_budget_headers", {}))
+        p.facts = facts_for(p.method, p.path) or p.facts  # an endpoint with its own wire format
         ctype = resp.headers.get("content-type", "").lower()
         encoding = resp.headers.get("content-encoding")
-        tap: StreamTap | JsonTap | None = None
-        if ctype.startswith("text/event-stream"):
+        tap = self.batches.results_tap(p, resp.status_code, encoding) if self.batches is not None else None
+        if tap is not None:
+            pass  # batch results (JSONL): read line by line, never buffered
+        elif ctype.startswith("text/event-stream"):
             p.streamed = True
             tap = StreamTap(p.facts, encoding)
         elif "json" in ctype:
@@ -398,6 +411,8 @@ class Metrion:
                 p.facts.parse_errors += 1
             if body:
                 p.facts.from_json_body(body)
+        if p.local_error is None and self.batches is not None:
+            self.batches.response(flow, p)  # batch objects: kept, and results_url pointed at this proxy
         self._record(
             flow,
             p,
@@ -438,6 +453,8 @@ class Metrion:
         )
 
     def _record(self, flow: http.HTTPFlow, p: Pending, **kw) -> None:  # type: ignore[no-untyped-def]
+        if self.batches is not None:
+            self.batches.fetch_ended(p)
         request_id = flow.response.headers.get("request-id") if flow.response is not None else None
         self._store(p, request_id=request_id, **kw)
 
@@ -465,19 +482,9 @@ class Metrion:
                 "completed": 0,
                 "error": "metrion_internal_error",
             }
-        if self.gate is not None:  # the real cost replaces the reservation, in the periods of the start time
-            try:
-                charged = self.gate.settle(_ticket(p), p.account, row.get("user"), row.get("cost_usd"), p.started)
-                if charged is not None:
-                    row["budget_usd"] = charged  # unpriced: counted at its reservation, after a restart too
-            except Exception:
-                log.exception("metrion: failed to count a request toward its budgets")
+        if self.gate is not None:  # the real cost replaces the reservation (the ticket: id(p), alive till now)
+            self.gate.settle_row(id(p), row, p.started)
         self.store.put(row)
-
-
-def _ticket(p: Pending) -> str:
-    """A request's budget ticket: the Pending lives from admission until its row is stored (settle)."""
-    return f"p{id(p)}"
 
 
 def _large_or_unknown_body(req: http.Request) -> bool:

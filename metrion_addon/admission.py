@@ -18,17 +18,24 @@ Rules (docs/budgets.md):
 
 from __future__ import annotations
 
+import logging
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from metrion_addon import estimate as est
 from metrion_addon.alerts import Alerter, AlertHook
 from metrion_addon.budget import Budgets, BudgetSettings, Check, response_headers
 from metrion_addon.inflight import InflightWriter
+from metrion_addon.labels import LABEL_MAX, LabelError, UserConflict, resolve_user
 from metrion_addon.pricing import COUNT_TOKENS_PATH, Pricer, Rates
+from metrion_addon.text import clean_text
+
+log = logging.getLogger(__name__)
 
 MESSAGES_PATH = "/v1/messages"
 
@@ -36,6 +43,19 @@ MESSAGES_PATH = "/v1/messages"
 def is_free(path: str) -> bool:
     """Endpoints Anthropic does not bill: budgets never refuse them."""
     return path == COUNT_TOKENS_PATH or path == "/v1/models" or path.startswith("/v1/models/")
+
+
+def user_for(bound: str | None, header: str | None, on_conflict: str) -> tuple[str | None, Refusal | None]:
+    """The request's user (labels.resolve_user), or the refusal: 403 for a header naming another user than the
+    token's, 400 for a label that mixes scripts."""
+    try:
+        return resolve_user(bound, header, on_conflict), None
+    except UserConflict as e:
+        return bound, Refusal(403, "permission_error", f"{e}; remove the header", "user_conflict")
+    except LabelError as e:
+        return clean_text(header, LABEL_MAX), Refusal(
+            400, "invalid_request_error", f"x-metrion-user: {e}", "invalid_user"
+        )
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,7 @@ class Gate:
         self.budgets = Budgets(settings, clock=clock, on_alert=self.alerter.enqueue)
         self.inflight: InflightWriter | None = None
         self._max: tuple[str, Rates] | None = None  # (UTC day, rates): prices change by date
+        self.test_clock = False  # metrion_test_clock: request times follow the test clock (see shift)
 
     def start(self, database: Path, connect: Callable[[Path], sqlite3.Connection]) -> Gate:
         if self.settings.any:
@@ -79,6 +100,10 @@ class Gate:
             self.inflight = None
         self.alerter.close()
 
+    def shift(self) -> float:
+        """Testing only: how far the test clock is from the real one (0 unless metrion_test_clock is set)."""
+        return self.budgets.clock() - time.time() if self.test_clock else 0.0
+
     def max_rates(self, started: float) -> Rates:
         ts = datetime.fromtimestamp(started, UTC)
         day = ts.date().isoformat()
@@ -90,7 +115,7 @@ class Gate:
 
     def at_headers(
         self,
-        ticket: str,
+        ticket: Hashable,
         account: str,
         user: str | None,
         path: str,
@@ -121,7 +146,7 @@ class Gate:
         return None, response_headers(check)
 
     def at_body(
-        self, ticket: str, account: str, user: str | None, path: str, started: float, size: int, body: object
+        self, ticket: Hashable, account: str, user: str | None, path: str, started: float, size: int, body: object
     ) -> tuple[Refusal | None, dict[str, str] | None]:
         """The body is buffered: a Messages request reserves its worst-case cost. (None, None): nothing changed."""
         if path != MESSAGES_PATH or not self.budgets.open_ticket(ticket):
@@ -140,7 +165,7 @@ class Gate:
         return self._reserve(ticket, account, user, started, e)
 
     def settle(
-        self, ticket: str, account: str | None, user: str | None, cost: float | None, started: float
+        self, ticket: Hashable, account: str | None, user: str | None, cost: float | None, started: float
     ) -> float | None:
         """The row is priced: its cost replaces the reservation, in the periods of the request's start. A request
         without a price (unknown model, unreadable usage) counts as its reservation, the bound it was admitted
@@ -154,10 +179,19 @@ class Gate:
             self.inflight.changed()
         return charged
 
+    def settle_row(self, ticket: Hashable, row: dict[str, Any], started: float) -> None:
+        """`settle` for a row about to be stored; never raises (the row is stored whatever happens here)."""
+        try:
+            charged = self.settle(ticket, row.get("account"), row.get("user"), row.get("cost_usd"), started)
+            if charged is not None:
+                row["budget_usd"] = charged  # unpriced: counted at its reservation, after a restart too
+        except Exception:
+            log.exception("metrion: failed to count a request toward its budgets")
+
     # -- helpers -----------------------------------------------------------------------------------
 
     def _reserve(
-        self, ticket: str, account: str, user: str | None, started: float, e: est.Estimate
+        self, ticket: Hashable, account: str, user: str | None, started: float, e: est.Estimate
     ) -> tuple[Refusal | None, dict[str, str]]:
         check = self.budgets.reserve(ticket, account, user, float(e.usd), started)
         if check.blocked is not None:

@@ -17,7 +17,7 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
@@ -167,7 +167,7 @@ class Budgets:
         self.on_alert = on_alert
         self._spent: dict[Key, float] = {}
         self._reserved: dict[Key, float] = {}
-        self._tickets: dict[str, Ticket] = {}
+        self._tickets: dict[Hashable, Ticket] = {}
         self._warned: set[Key] = set()
         self._alerted: set[tuple[Key, str]] = set()
         self._pruned_on: datetime | None = None
@@ -240,7 +240,7 @@ class Budgets:
 
     # -- reservations ------------------------------------------------------------------------------
 
-    def open(self, ticket: str, account: str, user: str | None, started: float) -> None:
+    def open(self, ticket: Hashable, account: str, user: str | None, started: float) -> None:
         """Start tracking a request admitted at `started` (its cost will count in those periods)."""
         keys = tuple(
             (scope, lim.period, self.period(lim.period, started)[0]) for scope, lim in self._limits(account, user)
@@ -249,7 +249,7 @@ class Budgets:
             self._tickets[ticket] = Ticket(keys)
             self._prune(started)
 
-    def reserve(self, ticket: str, account: str, user: str | None, amount: float, started: float) -> Check:
+    def reserve(self, ticket: Hashable, account: str, user: str | None, amount: float, started: float) -> Check:
         """Reserve `amount` for an open ticket if it fits every hard budget; the Check says whether it did."""
         check = self.check(account, user, amount, now=started)
         t = self._tickets.get(ticket)
@@ -261,7 +261,7 @@ class Budgets:
             check = self.check(account, user, now=started, alert=False)  # remaining counts this reservation
         return check
 
-    def settle(self, ticket: str, cost: float | None) -> bool:
+    def settle(self, ticket: Hashable, cost: float | None) -> bool:
         """Replace a ticket's reservation by the request's real cost. False when the ticket is unknown."""
         t = self._tickets.pop(ticket, None)
         if t is None:
@@ -296,10 +296,10 @@ class Budgets:
         self._warned = {k for k in self._warned if not old(k)}
         self._alerted = {m for m in self._alerted if not old(m[0])}
 
-    def open_ticket(self, ticket: str) -> bool:
+    def open_ticket(self, ticket: Hashable) -> bool:
         return ticket in self._tickets
 
-    def reserved_for(self, ticket: str) -> float:
+    def reserved_for(self, ticket: Hashable) -> float:
         t = self._tickets.get(ticket)
         return t.amount if t is not None else 0.0
 

@@ -13,13 +13,14 @@ from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
 from metrion_addon.alerts import AlertHook, parse_alerts
 from metrion_addon.budget import PERIODS, AccountBudgets, BudgetSettings, Limit
-from metrion_addon.labels import LabelError, label_key
+from metrion_addon.labels import LabelError, required_label_key
 
 TOKEN_PREFIX = "sk-metrion-"
 _SHA256_RE = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
@@ -84,7 +85,8 @@ class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
     path_prefix: str = ""
-    database: Path = Path("metrion.db")
+    database: Path = Path("metrion.db")  # the SQLite file; with database_url, the local spool
+    database_url: str | None = None  # postgresql://... (fleet mode); secrets in it come from ${ENV}
     accounts: tuple[Account, ...] = ()
     price_overrides: tuple[PriceOverride, ...] = ()
     budgets: BudgetSettings = field(default_factory=BudgetSettings)
@@ -117,8 +119,7 @@ def _convert(node: yaml.Node) -> _Node:
         out: dict[str, _Node] = {}
         for key_node, value_node in node.value:
             key = _LOADER.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
-            if key is True and key_node.value.lower() == "on":  # YAML 1.1 reads a bare `on` as true
-                key = "on"
+            key = "on" if key is True and key_node.value.lower() == "on" else key  # YAML 1.1: bare `on` is true
             if not isinstance(key, str):
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: mapping keys must be plain names")
             if key in out:
@@ -210,17 +211,36 @@ def _type_name(value: Any) -> str:
     )
 
 
-def _expand_env(ctx: _Ctx, node: _Node, where: str, env: dict[str, str]) -> str:
+def _expand_env(ctx: _Ctx, node: _Node, where: str, env: dict[str, str] | None) -> str:
+    """A secret's value: the literal, or the named environment variable. With `env=None` (secrets not
+    resolved) a `${VAR}` reference is returned as written."""
     raw = ctx.string(node, where, secret=True)
     m = _ENV_RE.match(raw)
     if not m:
         if "${" in raw:
             raise ctx.fail(where, node, "use exactly '${VAR_NAME}' to read a secret from the environment")
         return raw
+    if env is None:
+        return raw
     value = env.get(m.group(1))
     if not value:
         raise ctx.fail(where, node, f"environment variable {m.group(1)} is not set (or empty)")
     return value
+
+
+def _expand_url(ctx: _Ctx, node: _Node, env: dict[str, str] | None) -> str:
+    """A database URL with any `${VAR}` in it replaced from the environment (kept as written without env)."""
+    raw = ctx.string(node, "database", secret=True)
+    if env is None:
+        return raw
+
+    def value(m: re.Match[str]) -> str:
+        v = env.get(m.group(1))
+        if not v:
+            raise ctx.fail("database", node, f"environment variable {m.group(1)} is not set (or empty)")
+        return quote(v, safe="")
+
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value, raw)
 
 
 def _token_hash(ctx: _Ctx, node: _Node, where: str) -> bytes:
@@ -259,7 +279,6 @@ _LIMIT_KEYS = ("usd", "enforce")
 _PRICING_KEYS = ("overrides",)
 _OVERRIDE_KEYS = ("prefix", *_PRICE_FIELDS)
 _RECONCILE_KEYS = ("admin_api_key", "base_url")
-_TOKEN_KEYS = ("token", "user")
 _URL_RE = re.compile(r"^https?://[^/\s]+$")
 
 
@@ -283,26 +302,20 @@ def _limits(ctx: _Ctx, node: _Node, where: str) -> tuple[Limit, ...]:
 
 
 def _user_key(ctx: _Ctx, node: _Node, where: str, label: object) -> str:
-    """A user label from the config, as budgets compare it (labels.label_key)."""
-    try:
-        key = label_key(label) if isinstance(label, str) else None
+    try:  # as budgets compare it
+        return required_label_key(label)
     except LabelError as e:
         raise ctx.fail(where, node, str(e)) from None
-    if key is None:
-        raise ctx.fail(where, node, "must be a non-empty user label")
-    return key
 
 
 def _token(ctx: _Ctx, node: _Node, where: str) -> tuple[bytes, str | None]:
     """A token: a plain string, or {token: ..., user: alice} for a token bound to its user."""
     if not isinstance(node.value, dict):
         return _token_hash(ctx, node, where), None
-    tok = ctx.mapping(node, where, _TOKEN_KEYS)
+    tok = ctx.mapping(node, where, ("token", "user"))
     if "token" not in tok:
         raise ctx.fail(f"{where}.token", node, "required")
-    user = None
-    if "user" in tok:
-        user = _user_key(ctx, tok["user"], f"{where}.user", ctx.string(tok["user"], f"{where}.user"))
+    user = _user_key(ctx, tok["user"], f"{where}.user", tok["user"].value) if "user" in tok else None
     return _token_hash(ctx, tok["token"], f"{where}.token"), user
 
 
@@ -327,9 +340,17 @@ def _account_budgets(ctx: _Ctx, acc: dict[str, _Node], where: str) -> AccountBud
     )
 
 
-def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> Config:
-    """Read and validate the config file; raise ConfigError with one clear message on any problem."""
-    env = dict(os.environ) if env is None else env
+def load_config(
+    path: str | os.PathLike[str], env: dict[str, str] | None = None, *, resolve_secrets: bool = True
+) -> Config:
+    """Read and validate the config file; raise ConfigError with one clear message on any problem.
+
+    `resolve_secrets=False` is for the commands that read the config but never use its secrets (report,
+    reprice): `${VAR}` references stay as written and need not be set."""
+    if not resolve_secrets:
+        env = None
+    elif env is None:
+        env = dict(os.environ)
     p = Path(path).expanduser()
     try:
         text = p.read_text(encoding="utf-8")
@@ -340,7 +361,7 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
     return parse_config(text, p.resolve(), env)
 
 
-def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
+def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
     ctx = _Ctx(str(path))
     root = _parse_yaml(text, str(path))
     if root is None:
@@ -363,7 +384,13 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
         if value and (not value.startswith("/") or value.endswith("/") or "?" in value):
             raise ctx.fail("path_prefix", prefix, "must start with '/' and not end with '/' (e.g. /api/proxy)")
         kw["path_prefix"] = value
-    db = Path(ctx.string(top["database"], "database")) if "database" in top else Path("metrion.db")
+    db_value = ctx.string(top["database"], "database") if "database" in top else "metrion.db"
+    if db_value.startswith(("postgresql://", "postgres://")):
+        # PostgreSQL: the password comes from ${VAR} in the URL, or libpq's PGPASSWORD / .pgpass. Rows that
+        # cannot reach the server wait in a SQLite spool beside the config.
+        kw["database_url"] = _expand_url(ctx, top["database"], env)
+        db_value = "metrion-spool.db"
+    db = Path(db_value)
     kw["database"] = db if db.is_absolute() else path.parent / db
 
     if "accounts" not in top:
@@ -421,16 +448,18 @@ def parse_config(text: str, path: Path, env: dict[str, str]) -> Config:
         except (ZoneInfoNotFoundError, ValueError):
             raise ctx.fail("budget_timezone", top["budget_timezone"], f"unknown time zone {tz!r}") from None
     block = ctx.boolean(top["block_unknown_models"], "block_unknown_models") if "block_unknown_models" in top else False
-    unknown = "max_rate"
-    if "unknown_model_budget" in top:
-        unknown = ctx.string(top["unknown_model_budget"], "unknown_model_budget")
-        if unknown not in ("max_rate", "refuse"):
-            raise ctx.fail("unknown_model_budget", top["unknown_model_budget"], "must be 'max_rate' or 'refuse'")
+    for key, allowed in (("unknown_model_budget", ("max_rate", "refuse")), ("bound_user_header", ("refuse", "ignore"))):
+        if key in top and ctx.string(top[key], key) not in allowed:
+            raise ctx.fail(key, top[key], f"must be {' or '.join(map(repr, allowed))}")
+    unknown = top["unknown_model_budget"].value if "unknown_model_budget" in top else "max_rate"
     kw["budgets"] = BudgetSettings(timezone=tz, block_unknown_models=block, accounts=budgets, unknown_model=unknown)
+    if budgets and kw.get("database_url"):
+        raise ConfigError(
+            f"{path}: field 'database': budgets with a PostgreSQL database are not supported yet (budgets are "
+            "kept per proxy; fleet-wide budgets are the next step): use a SQLite database, or remove the budgets"
+        )
     if "bound_user_header" in top:
-        kw["bound_user_header"] = ctx.string(top["bound_user_header"], "bound_user_header")
-        if kw["bound_user_header"] not in ("refuse", "ignore"):
-            raise ctx.fail("bound_user_header", top["bound_user_header"], "must be 'refuse' (403) or 'ignore'")
+        kw["bound_user_header"] = top["bound_user_header"].value
     if "alerts" in top:
         kw["alerts"] = parse_alerts(ctx, top["alerts"])
 

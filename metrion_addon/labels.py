@@ -55,6 +55,14 @@ def script_of(ch: str) -> str | None:
     return first
 
 
+def required_label_key(label: object) -> str:
+    """A label from the config: its key; LabelError when it is not a non-empty string or mixes scripts."""
+    key = label_key(label) if isinstance(label, str) else None
+    if key is None:
+        raise LabelError("must be a non-empty user label")
+    return key
+
+
 def scripts(value: str) -> frozenset[str]:
     return frozenset(s for s in map(script_of, value) if s is not None)
 

@@ -16,7 +16,7 @@ _MESSAGES_RE = re.compile(r"^(?:/v1)?/messages(/.*)?$")
 LABEL_MAX = 200
 MODEL_MAX = 200
 # The endpoints that bill tokens: a 2xx answer from one of them without readable usage is flagged, never $0.
-BILLED_ENDPOINTS = frozenset({("POST", "/v1/messages")})
+BILLED_ENDPOINTS = frozenset({("POST", "/v1/messages"), ("POST", "/v1/chat/completions")})
 
 
 def iso_ms(epoch: float) -> str:
@@ -81,6 +81,10 @@ class Pending:
     facts: ResponseFacts = field(default_factory=ResponseFacts)
 
 
+def tap_failed(p: Pending) -> bool:
+    return p.tap is not None and p.tap.failed is not None
+
+
 def finish(
     p: Pending,
     *,
@@ -102,7 +106,10 @@ def finish(
         usage = None  # garbage counts: kept raw in usage_json for an audit, not in the token columns
     ok = status is not None and 200 <= status < 300 and p.local_error is None and error is None
     unreadable = ok and f.error_type is None and (p.method, p.path) in BILLED_ENDPOINTS and f.raw_usage is None
-    if unreadable:
+    if unreadable and p.streamed and f.completed and f.usage_optional and not f.parse_errors and not tap_failed(p):
+        unreadable = False  # a complete stream that was never asked to carry usage (no `include_usage`)
+        priced = Priced(None, "usage_unavailable")
+    elif unreadable:
         priced = Priced(None, "usage_unreadable")  # a billed answer whose usage could not be read: never $0
 
     err = p.local_error or error or clean_text(f.error_type, 100)

@@ -54,13 +54,14 @@ DIMENSIONS: dict[str, str] = {  # --by name -> column (time periods are joined, 
     "account": "r.account",
     "client": "r.client",
     "session": "r.session_id",
+    "batch": "r.batch_id",  # Message Batches results; (none) groups everything else
 }
 REQUIRED_COLUMNS = frozenset(  # what this report reads; a database without them is from an older schema
     ("ts", "account", "user", "model", "status", "error", "client", "session_id", "request_id", "latency_ms")
     + ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
     + ("cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens", "web_search_requests")
     + ("cost_usd", "cost_input_usd", "cost_output_usd", "cost_cache_write_usd", "cost_cache_read_usd")
-    + ("cost_tools_usd",)
+    + ("cost_tools_usd", "batch_id")
 )
 _MAX_TS = "\U0010ffff"  # sorts after any stored timestamp
 _MONEY_DIGITS = 10  # float sums are rounded here, so JSON/CSV carry no float noise
@@ -340,6 +341,8 @@ SUMMARY_MEASURES: dict[str, str] = {
     "cost_cache_read_usd": "TOTAL(r.cost_cache_read_usd)",
     "cost_tools_usd": "TOTAL(r.cost_tools_usd)",
     "cache_as_input_usd": _CACHE_AS_INPUT,  # internal: what the cache tokens would have cost as plain input
+    "batch_results": "COUNT(r.batch_id)",  # of the requests: Message Batches results (one row each)
+    "batch_cost_usd": "TOTAL(CASE WHEN r.batch_id IS NOT NULL THEN r.cost_usd END)",
 }
 
 
@@ -445,6 +448,18 @@ def _unpriced_note(n: int, marked: bool = False) -> Text | None:
     )
 
 
+def _unmetered_batches_note(conn: sqlite3.Connection) -> Text | None:
+    """Batches created through the proxy whose results were never read (pass-through: nobody fetched them
+    through the proxy yet; managed: not ended yet, or results gone)."""
+    try:
+        n = conn.execute("SELECT COUNT(*) FROM batches WHERE metered_at IS NULL AND results_recorded = 0").fetchone()[0]
+    except sqlite3.Error:  # no batches table
+        return None
+    if not n:
+        return None
+    return Text(f"{n:,} batch(es) created but not metered yet: their results have not been read through the proxy.")
+
+
 def _empty_note(rows: list[dict[str, Any]], what: str = "requests") -> Text | None:
     return None if rows else Text(f"No {what} match these filters.", style="dim")
 
@@ -502,6 +517,8 @@ SUMMARY_FIELDS = [
     "cache_saved_usd",
     "first_ts",
     "last_ts",
+    "batch_results",
+    "batch_cost_usd",
 ]
 SUMMARY_CHART_PERIODS = 31  # the summary's chart shows the latest periods; the chart view shows them all
 
@@ -546,11 +563,14 @@ def view_summary(conn: sqlite3.Connection, opts: Options) -> Report:
     facts.add_row("Requests", fmt_int(s["requests"]))
     facts.add_row("Errors", fmt_int(s["errors"]))
     facts.add_row("Unpriced", Text(fmt_int(s["unpriced_requests"]), style="yellow" if s["unpriced_requests"] else ""))
+    if s["batch_results"]:
+        facts.add_row("Batch results", f"{fmt_int(s['batch_results'])} · {fmt_usd(s['batch_cost_usd'])}")
+        facts.add_row("Interactive", fmt_usd(round(cost - s["batch_cost_usd"], _MONEY_DIGITS)))
     facts.add_row("Cache hit ratio", fmt_pct(s["cache_hit_ratio"]) or "n/a")
     facts.add_row("Cost without caching", fmt_usd(s["cost_uncached_usd"]))
     facts.add_row("Saved by caching", fmt_usd(s["cache_saved_usd"]))
     chart = periods[-(opts.limit or SUMMARY_CHART_PERIODS) :]
-    out = [kinds, facts, _unpriced_note(s["unpriced_requests"]), _empty_note(periods)]
+    out = [kinds, facts, _unpriced_note(s["unpriced_requests"]), _unmetered_batches_note(conn), _empty_note(periods)]
     if periods:
         out.append(_chart_table(chart, opts.period, of=len(periods)))
     return Report("summary", SUMMARY_FIELDS, [summary], None, [o for o in out if o is not None])
@@ -619,6 +639,7 @@ TOP_FIELDS = [
     "cost_usd",
     "latency_ms",
     "request_id",
+    "batch_id",
 ]
 
 
@@ -644,7 +665,7 @@ def view_top(conn: sqlite3.Connection, opts: Options) -> Report:
             show_time(r["ts"], opts.utc),
             r["account"] or "",
             r["user"] or "",
-            r["model"] or "",
+            (r["model"] or "") + (" [batch]" if r["batch_id"] else ""),
             *(fmt_int(r[k]) for k in TOKENS),
             fmt_usd(r["cost_usd"]),
             fmt_ms(r["latency_ms"]),
@@ -664,8 +685,8 @@ def view_errors(conn: sqlite3.Connection, opts: Options) -> Report:
     where = f"{where} AND r.error IS NOT NULL" if where else " WHERE r.error IS NOT NULL"
     select = ", ".join(f"{sql} AS [{name}]" for name, sql in ERROR_MEASURES.items())
     cur = conn.execute(
-        f"SELECT r.error, r.status, {select} FROM requests r{where} GROUP BY r.error, r.status "
-        "ORDER BY requests DESC, r.error, r.status",
+        f"SELECT r.error, r.status, r.batch_id IS NOT NULL AS batch, {select} FROM requests r{where} "
+        "GROUP BY r.error, r.status, batch ORDER BY requests DESC, r.error, r.status",
         params,
     )
     names = [c[0] for c in cur.description]
@@ -678,7 +699,7 @@ def view_errors(conn: sqlite3.Connection, opts: Options) -> Report:
     )
     for r in rows:
         t.add_row(
-            r["error"],
+            r["error"] + (" [batch]" if r["batch"] else ""),
             "" if r["status"] is None else str(r["status"]),
             *(fmt_int(r[k]) for k in ["requests", *TOKENS]),
             _cost_cell(r),
@@ -692,7 +713,9 @@ def view_errors(conn: sqlite3.Connection, opts: Options) -> Report:
         style="bold",
     )
     out = [t, _unpriced_note(total["unpriced_requests"], marked=True), _empty_note(rows, "errors")]
-    return Report("errors", ["error", "status", *ERROR_MEASURES], rows, total, [o for o in out if o is not None])
+    return Report(
+        "errors", ["error", "status", "batch", *ERROR_MEASURES], rows, total, [o for o in out if o is not None]
+    )
 
 
 CHART_MEASURES = {k: MEASURES[k] for k in ("requests", "unpriced_requests", "cost_usd")}
@@ -872,18 +895,20 @@ def read_config(config: str | None) -> Config | None:
         return None
     from metrion_addon.config import ConfigError, load_config
 
-    class _NoSecrets(dict[str, str]):  # the report needs no secrets: ${VARS} need not be set to read `database`
-        def get(self, key: str, default: Any = None) -> str:  # type: ignore[override]
-            return "unused-by-metrion-report"
-
-    try:
-        return load_config(config or "config.yaml", env=_NoSecrets())
+    try:  # the report needs no secrets: ${VARS} need not be set to read `database`
+        return load_config(config or "config.yaml", resolve_secrets=False)
     except ConfigError as e:
         raise ReportError(f"config error: {e}", EXIT_USAGE) from None
 
 
 def resolve_db(db: str | None, config: Config | None) -> Path:
     """--db, else the config's `database`, else ./metrion.db."""
+    if db and db.startswith(("postgresql://", "postgres://")) or (not db and config and config.database_url):
+        raise ReportError(
+            "the report reads SQLite databases only for now; a PostgreSQL store can be reported on once its "
+            "rows are copied to a SQLite file",
+            EXIT_USAGE,
+        )
     if db:
         return Path(db).expanduser()
     return config.database if config is not None else Path("metrion.db")

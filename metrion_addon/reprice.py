@@ -21,6 +21,7 @@ from typing import Any
 from metrion_addon.config import ConfigError, PriceOverride, load_config
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import iso_ms
+from metrion_addon.report import parse_when
 from metrion_addon.store import connect
 from metrion_addon.usage import usage_from_raw
 
@@ -36,29 +37,23 @@ COST_COLUMNS = (
 _UPDATE_SQL = "UPDATE requests SET {} WHERE id = ?".format(", ".join(f"[{c}] = ?" for c in COST_COLUMNS))
 
 
-class _NoSecrets(dict[str, str]):
-    """Repricing reads only the price overrides: account secrets in the config are never looked up."""
-
-    def get(self, key: str, default: Any = None) -> str:  # type: ignore[override]
-        return "unused-by-metrion-reprice"
-
-
 def load_overrides(config_path: str | None) -> tuple[tuple[PriceOverride, ...], Path | None]:
-    """(price overrides, database path) from a config file; nothing without one."""
+    """(price overrides, database path) from a config file; nothing without one. Secrets are not needed."""
     if not config_path:
         return (), None
-    config = load_config(config_path, env=_NoSecrets())
+    config = load_config(config_path, resolve_secrets=False)
+    if config.database_url:
+        raise ConfigError(
+            f"{config.path}: reprice works on SQLite databases only for now (this config uses PostgreSQL)"
+        )
     return config.price_overrides, config.database
 
 
-def bound(value: str) -> str:
-    """A --since/--until value (a date, or an ISO 8601 time; naive means UTC) in the `ts` column's format."""
-    try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or time: {value!r}") from None
-    dt = dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
-    return iso_ms(dt.timestamp())
+def bound(value: str, *, end: bool, utc: bool, now: datetime | None = None) -> str:
+    """A --since/--until value in the `ts` column's format, read exactly as metrion-report reads it: local time
+    (UTC with --utc), a date covers its whole day (--until 2026-11-30 includes the 30th), spans like 7d."""
+    moment = parse_when(value, end=end, now=now or datetime.now(UTC), utc=utc)
+    return iso_ms(moment.timestamp())
 
 
 @dataclass
@@ -140,9 +135,10 @@ def reprice(
 
 def render(diffs: dict[str | None, ModelDiff], dry_run: bool) -> None:
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title="metrion-reprice" + (" (dry run: nothing written)" if dry_run else ""))
+    from metrion_addon.report import LiteralTable  # models come from requests: shown literally
+
+    table = LiteralTable(title="metrion-reprice" + (" (dry run: nothing written)" if dry_run else ""))
     for name in ("model", "rows", "changed", "old USD", "new USD", "difference USD"):
         table.add_column(name, justify="left" if name == "model" else "right")
 
@@ -180,13 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--db", type=Path, help="the metrion SQLite file (default: the config's database)")
     ap.add_argument("-c", "--config", help="the metrion YAML config whose pricing.overrides to apply")
-    ap.add_argument("--since", type=bound, help="only rows at or after this UTC date/time (ISO 8601)")
-    ap.add_argument("--until", type=bound, help="only rows before this UTC date/time (ISO 8601)")
+    ap.add_argument("--since", help="from (inclusive), as in metrion-report: 2026-11-01, 2026-11-01T09:00, 7d...")
+    ap.add_argument("--until", help="to (exclusive; a date or named period includes its whole span), as in the report")
+    ap.add_argument("--utc", action="store_true", help="read --since/--until in UTC instead of local time")
     ap.add_argument("--dry-run", action="store_true", help="show per-model old vs new cost; write nothing")
     args = ap.parse_args(argv)
     try:
         overrides, config_db = load_overrides(args.config)
-    except ConfigError as e:
+        since = bound(args.since, end=False, utc=args.utc) if args.since else None
+        until = bound(args.until, end=True, utc=args.utc) if args.until else None
+    except (ConfigError, ValueError) as e:
         print(f"metrion-reprice: {e}", file=sys.stderr)
         return 2
     db = args.db or config_db
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metrion-reprice: {db}: no such database", file=sys.stderr)
         return 2
     try:
-        diffs = reprice(db, Pricer(overrides), args.since, args.until, args.dry_run)
+        diffs = reprice(db, Pricer(overrides), since, until, args.dry_run)
     except sqlite3.Error as e:
         print(f"metrion-reprice: {db}: {e}", file=sys.stderr)
         return 1

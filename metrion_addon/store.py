@@ -10,16 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
+
+if TYPE_CHECKING:
+    from metrion_addon.config import Config
+    from metrion_addon.pgstore import PgStore
 
 from metrion_addon.text import clean_text, valid_utf8
 
@@ -72,6 +78,10 @@ _V1_COLUMNS: dict[str, type] = {
 COLUMNS: dict[str, type] = {
     **_V1_COLUMNS,
     "response_model": str,  # the model the response named (what was billed; repricing uses it)
+    "row_id": str,  # a UUIDv7 made by the proxy: the same row written twice (replayed, copied) counts once
+    "batch_id": str,  # a Message Batches result: its batch (see _m004_batches)
+    "custom_id": str,  # ... and the request's custom_id within it
+    "batch_result": str,  # ... and its result type: succeeded | errored | canceled | expired
     "budget_usd": float,  # set only when cost_usd is NULL: what budgets counted (the request's reservation)
 }
 INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
@@ -118,7 +128,10 @@ def _row_error(e: Exception) -> bool:
     return isinstance(e, ValueError | TypeError | OverflowError | sqlite3.InterfaceError)
 
 
-_INSERT_SQL = "INSERT INTO requests ({}) VALUES ({})".format(
+# OR IGNORE: a row already stored (same row_id; or a batch result with the same batch_id + custom_id) is not
+# stored twice, even when two proxies read the same results file. `ts` is always set, so no other constraint
+# can be skipped this way.
+_INSERT_SQL = "INSERT OR IGNORE INTO requests ({}) VALUES ({})".format(
     ", ".join(f"[{c}]" for c in INSERT_COLUMNS), ", ".join("?" * len(INSERT_COLUMNS))
 )
 
@@ -147,11 +160,46 @@ def _m002_response_model(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("response_model", str)  # type: ignore[union-attr]
 
 
-def _m003_budget_usd(db: sqlite_utils.Database) -> None:
+def _m003_row_id(db: sqlite_utils.Database) -> None:
+    db["requests"].add_column("row_id", str)  # type: ignore[union-attr]
+    db.execute("CREATE UNIQUE INDEX idx_requests_row_id ON requests (row_id)")  # NULL for older rows
+
+
+def _m004_batches(db: sqlite_utils.Database) -> None:
+    """Message Batches: result rows name their batch and custom_id (unique together: exactly once), and the
+    batches created through the proxy are kept, with their creator, for the results to be charged to."""
+    for col in ("batch_id", "custom_id", "batch_result"):
+        db["requests"].add_column(col, str)  # type: ignore[union-attr]
+    db.execute(
+        "CREATE UNIQUE INDEX idx_requests_batch_result ON requests (batch_id, custom_id) WHERE batch_id IS NOT NULL"
+    )
+    db.execute(
+        "CREATE TABLE batches (id TEXT PRIMARY KEY, ts TEXT NOT NULL, account TEXT, user TEXT, mode TEXT, "
+        "request_count INTEGER, models TEXT, processing_status TEXT, created_at TEXT, ended_at TEXT, "
+        "upstream_results_url TEXT, results_recorded INTEGER NOT NULL DEFAULT 0, metered_at TEXT, "
+        "upstream TEXT, polls INTEGER NOT NULL DEFAULT 0, next_poll_at TEXT, poll_failures INTEGER NOT NULL DEFAULT 0)"
+    )
+
+
+def _m005_budget_usd(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("budget_usd", float)  # type: ignore[union-attr]
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_m001_requests, _m002_response_model, _m003_budget_usd]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _m001_requests,
+    _m002_response_model,
+    _m003_row_id,
+    _m004_batches,
+    _m005_budget_usd,
+]
+
+
+def new_row_id() -> str:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits; sorts by creation time."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    value = (value & ~(0xF << 76)) | (0x7 << 76)  # version 7
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)  # RFC 9562 variant
+    return str(uuid.UUID(int=value))
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -229,6 +277,7 @@ class Store:
         self._thread.start()
 
     def put(self, row: dict[str, Any]) -> None:
+        row.setdefault("row_id", new_row_id())
         self._queue.put(row)
 
     def pending(self) -> int:
@@ -371,3 +420,21 @@ class Store:
                 e,
                 self.max_backlog,
             )
+
+
+def open_store(config: Config, **kw: Any) -> Store | PgStore:
+    """The writer for the config's database: SQLite, or PostgreSQL (with a SQLite spool) for a URL."""
+    if config.database_url:
+        from metrion_addon.pgstore import PgStore
+
+        return PgStore(config.database_url, config.database, **kw)
+    return Store(config.database, **kw)
+
+
+def store_name(config: Config) -> str:
+    """Where rows go, as it may be printed (no password)."""
+    if config.database_url:
+        from metrion_addon.pgstore import redacted
+
+        return f"{redacted(config.database_url)} (spool {config.database})"
+    return str(config.database)

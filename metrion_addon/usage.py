@@ -159,6 +159,10 @@ class ResponseFacts:
     parse_errors: int = 0
     first_byte_at: float | None = None
 
+    # True where a complete stream may lawfully carry no usage (the OpenAI-compatible endpoint without
+    # `include_usage`): recorded as `usage_unavailable`, not as unreadable.
+    usage_optional = False
+
     @property
     def usage(self) -> Usage | None:
         return None if self.raw_usage is None else usage_from_raw(self.raw_usage)
@@ -240,18 +244,17 @@ class ResponseFacts:
             self._error(obj)
 
 
-class StreamTap:
-    """The `flow.response.stream` callable: returns every chunk unchanged, at once, and reads usage on the side.
+class _Tap:
+    """A `flow.response.stream` callable: returns every chunk unchanged, at once, and reads it on the side.
 
     It never raises (mitmproxy would silently drop the chunk): any failure switches reading off and the bytes
-    keep flowing. Content-encoded streams are decoded incrementally for reading only.
+    keep flowing. Content-encoded bodies are decoded incrementally, for reading only.
     """
 
-    __slots__ = ("facts", "_decode", "_parser", "failed")
+    __slots__ = ("facts", "_decode", "failed")
 
     def __init__(self, facts: ResponseFacts, content_encoding: str | None) -> None:
         self.facts = facts
-        self._parser = SSEParser(wanted=ResponseFacts.WANTED_EVENTS)
         self.failed: str | None = None
         try:  # never raise from here either: the hook that builds the tap must still stream the bytes
             self._decode = incremental_decoder(content_encoding)
@@ -269,8 +272,21 @@ class StreamTap:
                 self._read(chunk)
             except Exception as e:  # noqa: BLE001 - reading must never break the stream
                 self.failed = f"{e.__class__.__name__}: {e}"[:200]
-                log.warning("metrion: stopped reading a stream's usage: %s", self.failed)
+                log.warning("metrion: stopped reading a response's usage: %s", self.failed)
         return chunk
+
+    def _read(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+
+class StreamTap(_Tap):
+    """The tap for an SSE stream: events are parsed as they arrive, whatever the chunking."""
+
+    __slots__ = ("_parser",)
+
+    def __init__(self, facts: ResponseFacts, content_encoding: str | None) -> None:
+        self._parser = SSEParser(wanted=ResponseFacts.WANTED_EVENTS)
+        super().__init__(facts, content_encoding)
 
     def _read(self, chunk: bytes) -> None:
         assert self._decode is not None
@@ -287,33 +303,15 @@ class StreamTap:
 JSON_TAP_MAX = 64 * 1024 * 1024
 
 
-class JsonTap:
-    """The `flow.response.stream` callable for a JSON response that mitmproxy streams instead of buffering
-    (`stream_large_bodies`): every chunk passes through unchanged, at once; a copy is parsed at the clean end."""
+class JsonTap(_Tap):
+    """The tap for a JSON response that mitmproxy streams instead of buffering (`stream_large_bodies`): a copy
+    is kept and parsed at the clean end."""
 
-    __slots__ = ("facts", "_decode", "_buf", "failed")
+    __slots__ = ("_buf",)
 
     def __init__(self, facts: ResponseFacts, content_encoding: str | None) -> None:
-        self.facts = facts
         self._buf = bytearray()
-        self.failed: str | None = None
-        try:
-            self._decode = incremental_decoder(content_encoding)
-        except Exception as e:  # noqa: BLE001 - the bytes must flow whatever happens here
-            self._decode = None
-            self.failed = f"{e.__class__.__name__}: {e}"[:200]
-        if self._decode is None and self.failed is None:
-            self.failed = f"unsupported content-encoding {content_encoding!r}"
-
-    def __call__(self, chunk: bytes) -> bytes:
-        if chunk and self.facts.first_byte_at is None:
-            self.facts.first_byte_at = time.time()
-        if self.failed is None:
-            try:
-                self._read(chunk)
-            except Exception as e:  # noqa: BLE001 - reading must never break the response
-                self.failed = f"{e.__class__.__name__}: {e}"[:200]
-        return chunk
+        super().__init__(facts, content_encoding)
 
     def _read(self, chunk: bytes) -> None:
         assert self._decode is not None

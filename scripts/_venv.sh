@@ -43,8 +43,14 @@ MSG
   stamp="$VENV/.metrion-installed"
   if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     echo "metrion: installing into .venv${extras:+ (with $extras)}" >&2
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2 || true
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT${extras:+[$extras]}" >&2
+    # pip's own chatter (and any build-backend notices) goes to a log, shown only if the install fails.
+    local log="$VENV/install.log"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip >"$log" 2>&1 || true
+    if ! "$VENV/bin/python" -m pip install --quiet -e "$ROOT${extras:+[$extras]}" >>"$log" 2>&1; then
+      cat "$log" >&2
+      echo "metrion: install failed (log above, also in $log)" >&2
+      exit 1
+    fi
     echo "$want" > "$stamp"
   fi
 }

@@ -25,6 +25,11 @@ from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+try:
+    from tests import fake_endpoints
+except ImportError:  # run as a script: python tests/fake_upstream.py
+    import fake_endpoints  # type: ignore[no-redef]
+
 DEFAULT_USAGE: dict[str, Any] = {
     "input_tokens": 25,
     "cache_creation_input_tokens": 0,
@@ -67,7 +72,7 @@ class Scenario:
     repeat_usage_in_delta: bool = True  # message_delta repeats input/cache/server-tool fields (cumulative)
     reset_after: int | None = None  # SSE: reset the connection (TCP RST) after this many events
     hold_open: float = 0.0  # SSE: seconds to keep the stream open after its last event, before ending it
-    gate: threading.Event | None = None  # wait for it (<= 30 s): JSON before the response, SSE before the last event
+    gate: threading.Event | None = None  # wait (up to 30 s) for it: SSE after the first event, JSON before answering
 
 
 @dataclass
@@ -90,6 +95,7 @@ class FakeUpstream:
         self.received: dict[str, Received] = {}
         self.sent: dict[str, bytes | bytearray] = {}
         self.order: list[str] = []
+        self.batches = fake_endpoints.FakeBatches()  # Message Batches state (tests/fake_endpoints.py)
         self.admin: Any = None  # tests/fake_admin.py attaches Anthropic's Admin API (/v1/organizations/...) here
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -300,6 +306,8 @@ class _Handler(BaseHTTPRequestHandler):
         path = self.path.partition("?")[0]
         msg_id = "msg_" + rid.removeprefix("req_")
         common = {"request-id": rid, "anthropic-organization-id": "org-fake", **sc.headers}
+        if fake_endpoints.handle(self, sc, req, model, path, rid, common):  # chat completions, batches
+            return
 
         if sc.status >= 400:
             payload = (
@@ -376,7 +384,7 @@ class _Handler(BaseHTTPRequestHandler):
                     return
                 if i and sc.event_delay:
                     time.sleep(sc.event_delay)
-                if sc.gate is not None and i == len(events) - 1:
+                if i == 1 and sc.gate is not None:
                     sc.gate.wait(30)
                 yield encode_event(name, data)
 

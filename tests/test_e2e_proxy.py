@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 import anthropic
@@ -271,27 +272,27 @@ def test_other_endpoints_forwarded_and_recorded(proxy: Proxy, fake: FakeUpstream
 
 
 def test_stream_is_byte_identical_and_not_buffered(proxy: Proxy, fake: FakeUpstream) -> None:
-    fake.add("slow-sse", Scenario(event_delay=0.25, delta_count=4, text="é漢字🙂 split everywhere", chunk_size=7))
+    """The upstream sends its first event, then waits until the client has seen it: a proxy that buffered the
+    stream would deliver nothing before the end, and the upstream would wait in vain (no timing involved)."""
+    gate = threading.Event()
+    fake.add("gated-sse", Scenario(gate=gate, delta_count=4, text="é漢字🙂 split everywhere", chunk_size=7))
     body = {"model": MODEL, "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    t0 = time.monotonic()
-    first_at = None
     got = bytearray()
     with httpx.stream(
         "POST",
         proxy.url + "/v1/messages",
         content=json.dumps(body),
         timeout=20,
-        headers={"x-api-key": MANAGED_TOKEN, "x-fake-scenario": "slow-sse"},
+        headers={"x-api-key": MANAGED_TOKEN, "x-fake-scenario": "gated-sse"},
     ) as r:
         for chunk in r.iter_raw():
-            if first_at is None and chunk:
-                first_at = time.monotonic() - t0
             got += chunk
+            if b"message_start" in got and b"\n\n" in got and not gate.is_set():
+                assert b"message_stop" not in got
+                gate.set()  # the first event arrived while the upstream was still holding the rest
         rid = r.headers["request-id"]
-    total = time.monotonic() - t0
+    assert gate.is_set(), "the first event never arrived before the end: the stream was buffered"
     assert bytes(got) == fake.sent[rid]
-    assert first_at is not None and total > 1.5
-    assert first_at < total - 1.0, f"first byte at {first_at:.2f}s of {total:.2f}s: the stream was buffered"
     row = proxy.row(rid)
     assert (row["completed"], row["output_tokens"], row["input_tokens"]) == (1, 12, 25)
 

@@ -19,6 +19,9 @@ from tests.rawhttp import request_bytes, send_raw
 
 # Header bytes as a client could put them on the wire: anything but CR and LF (which end the header line).
 header_bytes = st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b""))
+# Path bytes: anything but whitespace and DEL, which end or break the request line (mitmproxy then answers 400
+# before any hook runs: such a request never reaches the meter, so it cannot leave a row).
+path_bytes = st.binary(max_size=40).map(lambda b: bytes(c for c in b if c > 0x20 and c != 0x7F))
 credential = st.one_of(
     header_bytes,
     st.sampled_from([MANAGED_TOKEN.encode(), PASS_TOKEN.encode(), b"sk-ant-client-key"]),
@@ -47,10 +50,13 @@ def fuzz_proxy(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> 
 SENT: list[int] = [0]
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so the suite is green or red for a reason, never by the draw.
+@settings(
+    max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     headers=st.lists(st.tuples(st.sampled_from(READ_HEADERS + [b"x-claude-code-session-id"]), credential), max_size=5),
-    path=st.tuples(st.sampled_from([b"/v1/messages", b"/messages", b"/api/proxy/v1/messages"]), header_bytes),
+    path=st.tuples(st.sampled_from([b"/v1/messages", b"/messages", b"/api/proxy/v1/messages"]), path_bytes),
     body=json_values,
     model=json_values,
     raw_usage=usage,
@@ -64,7 +70,7 @@ def test_random_headers_and_bodies_keep_the_invariants(
     fake.add(name, Scenario(usage=raw_usage, stream=stream))
     doc: Any = body if not isinstance(body, dict) else {**body, "model": model}
     content = json.dumps(doc).encode()
-    target = path[0] + path[1].replace(b" ", b"").replace(b"?", b"") or b"/"
+    target = path[0] + path[1]
     data = request_bytes("POST", target, [*headers, (b"x-fake-scenario", name.encode())], content)
     send_raw(fuzz_proxy.port, data)
     SENT[0] += 1
@@ -78,7 +84,7 @@ def test_random_headers_and_bodies_keep_the_invariants(
 
 
 def test_every_fuzzed_request_left_one_row_and_the_writer_still_writes(fuzz_proxy: Proxy) -> None:
-    assert SENT[0] >= 60
+    assert SENT[0] >= 100
     send_raw(
         fuzz_proxy.port,
         request_bytes(

@@ -10,6 +10,7 @@ import asyncio
 import os
 import resource
 import signal
+import socket
 import sqlite3
 import threading
 import time
@@ -32,6 +33,7 @@ from tests.conftest import (
     stop_proxy,
 )
 
+pytestmark = pytest.mark.slow
 LARGE = os.environ.get("METRION_LOAD") == "large"
 CLIENTS = 1000 if LARGE else 200
 TOTAL = 100_000 if LARGE else 10_000
@@ -171,6 +173,18 @@ def integrity(db: Path) -> str:
 SIGKILL_MAX_LOST = BATCH_SIZE
 
 
+def hold_request_in_flight(proxy: Proxy) -> socket.socket:
+    """A request whose headers the proxy has accepted (it answered `100 Continue`) and whose body never comes:
+    it is in flight until the proxy stops, whatever the timing of the load around it."""
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    s.sendall(
+        b"POST /v1/messages HTTP/1.1\r\nhost: x\r\nx-api-key: %s\r\nexpect: 100-continue\r\n"
+        b"content-length: 100\r\n\r\n" % MANAGED_TOKEN.encode()
+    )
+    assert s.recv(100).startswith(b"HTTP/1.1 100")
+    return s
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_signal_during_load(
     upstream: FakeProcess, tmp_path: Path, sig: signal.Signals, capsys: pytest.CaptureFixture[str]
@@ -178,6 +192,7 @@ def test_signal_during_load(
     proxy = start_proxy(tmp_path, upstream.url, extra_args=("--set", "flow_detail=0"))
     done = Done()
     clients = in_background(proxy.url, CLIENTS, done)
+    held: socket.socket | None = None
     try:
         deadline = time.monotonic() + 60
         while len(done.tokens) < 2000 and time.monotonic() < deadline:
@@ -188,6 +203,7 @@ def test_signal_during_load(
             blocker.execute("BEGIN IMMEDIATE")
             time.sleep(1)
         completed = done.tokens.copy()  # answered completely before the signal
+        held = hold_request_in_flight(proxy)  # at least one request is surely in flight at the signal
         t0 = time.monotonic()
         proxy.proc.send_signal(sig)
         if blocker is not None:
@@ -200,6 +216,8 @@ def test_signal_during_load(
         done.stop = True
         clients.join(60)
         stop_proxy(proxy)
+        if held is not None:
+            held.close()
     assert len(completed) >= 2000
     assert integrity(proxy.db) == "ok"
     rows = db_rows(proxy.db)

@@ -217,6 +217,8 @@ def test_summary_numbers(capsys: pytest.CaptureFixture[str], db: Path) -> None:
             "cache_saved_usd": 0.26225,  # -0.0075 + 0.27 + 0.0008 + 0.0027 - 0.00375
             "first_ts": "2026-11-01T10:00:00.000Z",
             "last_ts": "2026-11-06T13:00:00.000Z",
+            "batch_results": 0,
+            "batch_cost_usd": 0.0,
         }
     ]
 
@@ -352,6 +354,7 @@ def test_errors(capsys: pytest.CaptureFixture[str], db: Path) -> None:
         {
             "error": "client_disconnect",
             "status": 200,
+            "batch": 0,
             "requests": 1,
             "unpriced_requests": 0,
             "input_tokens": 100,
@@ -363,6 +366,7 @@ def test_errors(capsys: pytest.CaptureFixture[str], db: Path) -> None:
         {
             "error": "overloaded_error",
             "status": 529,
+            "batch": 0,
             "requests": 1,
             "unpriced_requests": 0,
             "input_tokens": 0,

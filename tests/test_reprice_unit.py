@@ -92,7 +92,7 @@ def test_reprice_applies_overrides_in_one_go(tmp_path: Path, db: Path, capsys: p
 
 def test_reprice_window_and_back(tmp_path: Path, db: Path) -> None:
     cfg = write_config(tmp_path, db)
-    assert main(["--config", str(cfg), "--since", "2026-06-02"]) == 0
+    assert main(["--config", str(cfg), "--since", "2026-06-02", "--utc"]) == 0
     after = costs(db)
     assert after[0][1] == 4.0 and after[1][1] == 1.0  # only the second opus row is in the window
     assert main(["--db", str(db), "--until", "2026-06-03T00:00:00Z"]) == 0  # no overrides: bundled prices again
@@ -103,8 +103,16 @@ def test_reprice_errors(tmp_path: Path) -> None:
     assert main(["--db", str(tmp_path / "missing.db")]) == 2
     with pytest.raises(SystemExit):
         main([])
-    with pytest.raises(SystemExit):
-        main(["--db", "x", "--since", "yesterday"])
+    assert main(["--db", str(tmp_path / "missing.db"), "--since", "not-a-date"]) == 2
+
+
+def test_reprice_window_reads_like_the_report(tmp_path: Path, db: Path) -> None:
+    """--until DATE includes that whole day, in local time unless --utc, exactly as metrion-report shows it
+    (reprice used to read it as UTC midnight, exclusive: the day the report showed was missed)."""
+    cfg = write_config(tmp_path, db)
+    assert [c[1] for c in costs(db)[:2]] == [4.0, 4.0]  # opus on 1 June 12:00 and on 2 June 12:00
+    assert main(["--config", str(cfg), "--until", "2026-06-01", "--utc"]) == 0
+    assert [c[1] for c in costs(db)[:2]] == [1.0, 4.0]  # all of 1 June repriced by the override, not 2 June
 
 
 def test_reprice_uses_the_billed_response_model(tmp_path: Path) -> None:

@@ -1,0 +1,99 @@
+"""Message Batches wiring for the addon: the batch thread, the managed-mode poller, and the calls the addon's
+hooks make. Kept out of addon.py so that it stays hooks only; all parsing is in batches.py."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import datetime
+from typing import Any
+
+from mitmproxy import http
+
+from metrion_addon import batches
+from metrion_addon.batch_poller import BatchPoller
+from metrion_addon.batch_recorder import BatchRecorder
+from metrion_addon.budget import Budgets
+from metrion_addon.config import Config
+from metrion_addon.pricing import Pricer
+from metrion_addon.record import Pending
+
+log = logging.getLogger(__name__)
+CLIENT_PATH = "metrion_client_path"  # flow.metadata: the path as the client sent it (prefix included)
+
+
+class BatchHooks:
+    def __init__(self, config: Config, pricer: Pricer, store: Any, budgets: Budgets, poll_seconds: float) -> None:
+        self.config, self.store, self.budgets = config, store, budgets  # store: SQLite or PostgreSQL, put() only
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.recorder = BatchRecorder(config.database, pricer, self._row)
+        keys = {a.name: a.anthropic_api_key for a in config.accounts if a.anthropic_api_key}
+        self.poller = BatchPoller(config.database, self.recorder, keys, poll_seconds) if poll_seconds > 0 else None
+
+    def start(self) -> None:
+        self.recorder.start()
+        if self.poller is not None:
+            self.poller.start()
+
+    def close(self) -> None:
+        if self.poller is not None:
+            self.poller.close()
+        self.recorder.close()  # its last result rows go to the store before that closes
+
+    def running(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    # -- called from the addon's hooks (event loop) ---------------------------------------------------
+
+    def results_tap(self, p: Pending, status: int, encoding: str | None) -> batches.JsonlTap | None:
+        """A results download: each result line read becomes a row (on the batch thread), exactly once."""
+        batch_id = batches.results_batch_id(p.method, p.path)
+        if batch_id is None or not 200 <= status < 300:
+            return None
+        self.loop = self.loop or asyncio.get_running_loop()
+        return self.recorder.tap(batch_id, encoding, (p.account, p.user, p.mode), p.request_id)
+
+    def fetch_ended(self, p: Pending) -> None:
+        if isinstance(p.tap, batches.JsonlTap):
+            self.recorder.fetch_ended(batches.results_batch_id(p.method, p.path) or "", p.tap.complete)
+
+    def response(self, flow: http.HTTPFlow, p: Pending) -> None:
+        """Batch create/retrieve/list/cancel: keep the batch, and point `results_url` at this proxy."""
+        resp, req, client = flow.response, flow.request, flow.client_conn
+        if resp is None or not 200 <= resp.status_code < 300 or not batches.is_batch_object_call(p.method, p.path):
+            return
+        if resp.stream:
+            return  # a body mitmproxy streamed (stream_large_bodies) cannot be rewritten
+        try:
+            raw = req.raw_content if "content-encoding" not in req.headers else None
+            prefix = batches.used_prefix(flow.metadata.get(CLIENT_PATH, ""), self.config.path_prefix)
+            base = batches.proxy_base(client.tls_established, client.sockname, prefix)
+            who = (p.account, p.user, p.mode)
+            upstream = f"{req.scheme}://{req.host}:{req.port}"
+            new = self.recorder.objects(p.method, p.path, resp.content or b"", raw, who, base, upstream)
+            if new is not None:
+                resp.content = new  # re-encoded as the upstream encoded it; content-length follows
+        except Exception:
+            log.exception("metrion: could not read or rewrite a batch object; forwarded as received")
+
+    # -- the batch thread -----------------------------------------------------------------------------
+
+    def _row(self, row: dict[str, Any]) -> None:
+        """A batch result's row (on the batch thread): to the store, and its cost to the budgets (on the loop)."""
+        self.store.put(row)
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            # RuntimeError: the loop closed meanwhile (shutdown); the row is stored, budgets reload from it
+            with contextlib.suppress(RuntimeError):
+                started = _epoch(row.get("ts"))  # counted in the periods of the row's ts, as the restart seed does
+                loop.call_soon_threadsafe(
+                    self.budgets.add, row.get("account"), row.get("user"), row.get("cost_usd"), started
+                )
+
+
+def _epoch(ts: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() if isinstance(ts, str) else None
+    except ValueError:
+        return None

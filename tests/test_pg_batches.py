@@ -1,0 +1,73 @@
+"""Batch results with PostgreSQL as the store: two proxies (each with its own local spool) read the same results
+file, and every result is in the database once (its row_id is derived from batch id + custom_id)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import start_proxy, stop_proxy
+from tests.fake_upstream import FakeUpstream
+from tests.pgserver import PgServer, start_pg, unavailable_reason
+from tests.test_e2e_batches import FOUR, batch_cost, req, results, sdk
+
+_REASON = unavailable_reason()
+if _REASON and os.environ.get("CI") == "true":
+    raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {_REASON}")
+pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    server = start_pg()
+    yield server
+    server.close()
+
+
+def count(url: str, batch_id: str) -> list[tuple]:
+    with psycopg.connect(url) as conn:
+        if conn.execute("SELECT to_regclass('requests')").fetchone() == (None,):
+            return []  # the proxy creates its table with its first write
+        return conn.execute(
+            'SELECT custom_id, "user", cost_usd FROM requests WHERE batch_id = %s ORDER BY custom_id', (batch_id,)
+        ).fetchall()
+
+
+def wait_rows(url: str, batch_id: str, n: int) -> list[tuple]:
+    import time
+
+    deadline = time.monotonic() + 30
+    while len(got := count(url, batch_id)) < n:
+        assert time.monotonic() < deadline, f"{len(got)} of {n} rows"
+        time.sleep(0.05)
+    return got
+
+
+def test_two_proxies_on_postgresql_count_each_result_once(pg: PgServer, fake: FakeUpstream, tmp_path: Path) -> None:
+    no_poll = ("--set", "metrion_batch_poll_seconds=0")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = start_proxy(tmp_path / "a", fake.url, db=pg.url, extra_args=no_poll)  # type: ignore[arg-type]
+    b = start_proxy(tmp_path / "b", fake.url, db=pg.url, extra_args=no_poll)  # type: ignore[arg-type]
+    try:
+        ca = sdk(a, "pg-creator")
+        batch = ca.messages.batches.create(requests=[req("ok-pg", 700, 70), *FOUR[1:]])  # type: ignore[arg-type]
+        ca.messages.batches.retrieve(batch.id)
+        results(ca, batch.id)
+        got = wait_rows(pg.url, batch.id, 4)
+        assert got[-1][0] == "ok-pg" and got[-1][1] == "pg-creator"
+        assert float(got[-1][2]) == pytest.approx(batch_cost(700, 70), abs=1e-12)  # numeric in PostgreSQL
+        cb = sdk(b, "pg-other")
+        assert len(results(cb, batch.id)) == 4  # the other proxy reads the same file
+        sentinel = cb.messages.batches.create(requests=[req("s")])  # type: ignore[list-item]
+        cb.messages.batches.retrieve(sentinel.id)
+        results(cb, sentinel.id)
+        wait_rows(pg.url, sentinel.id, 1)  # b's rows are written in order: its copies of the batch are in too
+        assert count(pg.url, batch.id) == got
+    finally:
+        stop_proxy(a)
+        stop_proxy(b)
