@@ -15,13 +15,14 @@ import time
 from mitmproxy import connection, ctx, exceptions, http
 
 from metrion_addon import mitm_errors, ops, record
+from metrion_addon.admission import Gate, Refusal, user_for
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
 from metrion_addon.batch_hooks import CLIENT_PATH, BatchHooks
-from metrion_addon.budget import Budgets, file_clock, response_headers
+from metrion_addon.budget import Budgets, file_clock
 from metrion_addon.config import Config, ConfigError, load_config
 from metrion_addon.openai_compat import facts_for
 from metrion_addon.pricing import Pricer
-from metrion_addon.record import Pending, clean_label, finish, iso_ms, request_model, upstream_path
+from metrion_addon.record import Pending, clean_label, finish, iso_ms, model_of, request_json, upstream_path
 from metrion_addon.store import Store, connect, open_store, store_name
 from metrion_addon.text import is_clean_token
 from metrion_addon.usage import JsonTap, StreamTap
@@ -104,6 +105,7 @@ class Metrion:
         self.pricer: Pricer | None = None
         self.store: Store | None = None
         self.budgets: Budgets | None = None
+        self.gate: Gate | None = None  # budget admission: reservations, alerts (admission.py)
         self.batches: BatchHooks | None = None
         self._pending: dict[str, Pending] = {}
         self._client_of: dict[str, str] = {}  # flow id -> client connection id, for flows mitmproxy drops
@@ -126,7 +128,7 @@ class Metrion:
             "metrion_test_clock",
             str,
             "",
-            "Testing only: a file holding the current time (epoch seconds) for budget periods.",
+            "Testing only: a file holding the current time (epoch seconds) for budget periods and row times.",
         )
         loader.add_option(
             "metrion_batch_poll_seconds",
@@ -154,26 +156,25 @@ class Metrion:
             store.start()
         except Exception as e:
             raise exceptions.OptionsError(f"metrion: cannot open database {config.database}: {e}") from None
-        budgets = Budgets(config.budgets, clock=file_clock(ctx.options.metrion_test_clock))
-        if config.budgets.any:
-            conn = connect(config.database)
-            try:
-                budgets.seed(conn)  # a restart neither forgets nor double-counts this period's spend
-            finally:
-                conn.close()
+        pricer = Pricer(config.price_overrides)
+        gate = Gate(config.budgets, pricer, file_clock(ctx.options.metrion_test_clock), config.alerts)
+        gate.test_clock = bool(ctx.options.metrion_test_clock)
+        gate.start(config.database, connect)  # seeds this period's spend: a restart neither forgets nor double-counts
         if self.batches is not None:
             self.batches.close()
         if self.store is not None:
             self.store.close()
-        self.config, self.store, self.budgets = config, store, budgets
+        if self.gate is not None:
+            self.gate.close()
+        self.config, self.store, self.budgets, self.gate = config, store, gate.budgets, gate
         self.auth = Authenticator(config.accounts)
-        self.pricer = Pricer(config.price_overrides)
+        self.pricer = pricer
         try:
-            self.ops.configure(ctx.options, config, store, budgets, self.pricer)
+            self.ops.configure(ctx.options, config, store, gate.budgets, self.pricer)
         except ValueError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from None
         observed = self.ops.observed(store)  # batch result rows reach the metrics and logs too
-        self.batches = BatchHooks(config, self.pricer, observed, budgets, ctx.options.metrion_batch_poll_seconds)
+        self.batches = BatchHooks(config, pricer, observed, gate.budgets, ctx.options.metrion_batch_poll_seconds)
         self.batches.start()
         log.info(
             "metrion: %d account(s) from %s, recording to %s",
@@ -210,6 +211,8 @@ class Metrion:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self.gate is not None:
+            self.gate.close()
         self.ops.close()
 
     def client_disconnected(self, client: connection.Client) -> None:
@@ -256,7 +259,7 @@ class Metrion:
 
     def _track(self, flow: http.HTTPFlow) -> Pending:
         req = flow.request
-        p = Pending(started=req.timestamp_start, method=clean_label(req.method) or "?", path="?")
+        p = Pending(started=req.timestamp_start + self._shift(), method=clean_label(req.method) or "?", path="?")
         self._pending[flow.id] = p
         self._client_of[flow.id] = flow.client_conn.id
         return p
@@ -270,7 +273,7 @@ class Metrion:
         p.path = clean_label(req.path.partition("?")[0]) or "/"
         p.client = clean_label(req.headers.get("user-agent"))
         p.session_id = clean_label(req.headers.get("x-claude-code-session-id"))
-        p.user = clean_label(req.headers.get(USER_HEADER))
+        p.user = clean_label(asserted_user := req.headers.get(USER_HEADER))
         if ops.reserved(p.path):
             msg = f"{p.path[:64]!r}: paths under {ops.RESERVED_PREFIX} are the proxy's own (see {ops.HEALTH_PATH})"
             self._answer(flow, p, 404, "not_found_error", msg)
@@ -285,6 +288,9 @@ class Metrion:
             self._answer(flow, p, decision.status, decision.error_type, decision.message)
             return
         p.account, p.mode = decision.account.name, decision.mode
+        p.user, refusal = user_for(decision.user, asserted_user, self.config.bound_user_header)
+        if refusal is not None:
+            return self._refuse(flow, p, refusal)
         if not self._within_limits(flow, p):
             return
         for name in decision.remove_headers:
@@ -301,13 +307,22 @@ class Metrion:
         if p is None or flow.request.stream:
             return
         try:
-            p.model = request_model(flow.request.raw_content or b"", flow.request.headers.get("content-type", ""))
+            raw = flow.request.raw_content or b""
+            body = request_json(raw, flow.request.headers.get("content-type", ""))  # parsed once, used twice
+            p.model = model_of(body)
             if p.local_error is not None or flow.response is not None:
                 return  # refused already; the model is only for the record
-            assert self.config is not None and self.pricer is not None
+            assert self.config is not None and self.pricer is not None and self.gate is not None
             if self.config.budgets.block_unknown_models and p.model and not self.pricer.knows(p.model, p.started):
                 msg = f"model {p.model!r} has no known price, and this metrion proxy refuses unpriced models"
                 self._answer(flow, p, 403, "permission_error", msg, record_as="unknown_model_blocked")
+                return
+            if p.account is not None:
+                refusal, headers = self.gate.at_body(id(p), p.account, p.user, p.path, p.started, len(raw), body)
+                if refusal is not None:
+                    self._refuse(flow, p, refusal)
+                elif headers is not None:
+                    flow.metadata["metrion_budget_headers"] = headers
         except Exception:
             log.exception("metrion: error while reading a request body; it was refused, not forwarded")
             self._answer(
@@ -329,14 +344,22 @@ class Metrion:
             )
             self._answer(flow, p, 413, "request_too_large", msg, record_as="unknown_model_blocked")
             return False
-        check = self.budgets.check(p.account, p.user)
-        if check.blocked is not None:
-            retry = str(self.budgets.retry_after(check.blocked))
-            msg = check.blocked.message()
-            self._answer(flow, p, 429, "rate_limit_error", msg, record_as="budget_exceeded", retry_after=retry)
+        assert self.gate is not None
+        req = flow.request
+        refusal, headers = self.gate.at_headers(
+            id(p), p.account, p.user, p.path, p.started, bool(req.stream), req.headers.get("content-length")
+        )
+        if refusal is not None:
+            self._refuse(flow, p, refusal)
             return False
-        flow.metadata["metrion_budget_headers"] = response_headers(check)
+        flow.metadata["metrion_budget_headers"] = headers
         return True
+
+    def _refuse(self, flow: http.HTTPFlow, p: Pending, r: Refusal) -> None:
+        self._answer(flow, p, r.status, r.error_type, r.message, record_as=r.record_as, retry_after=r.retry_after)
+
+    def _shift(self) -> float:  # metrion_test_clock only: how far the test clock is from the real one
+        return self.gate.shift() if self.gate is not None else 0.0
 
     def _answer(
         self,
@@ -456,6 +479,9 @@ class Metrion:
         """Build the row, queue it for the writer, and count its cost toward budgets."""
         if self.pricer is None or self.store is None:
             return
+        if shift := self._shift():
+            kw["ended_at"] += shift
+            kw["headers_at"] = kw["headers_at"] + shift if kw.get("headers_at") is not None else None
         try:
             row = finish(p, pricer=self.pricer, **kw)
         except Exception:  # never lose the row over a bug in accounting: keep what is certain
@@ -473,10 +499,10 @@ class Metrion:
                 "completed": 0,
                 "error": "metrion_internal_error",
             }
+        if self.gate is not None:  # the real cost replaces the reservation (the ticket: id(p), alive till now)
+            self.gate.settle_row(id(p), row, p.started)
         self.store.put(row)
         self.ops.observe(row)  # metrics and the request log, on the observer thread
-        if self.budgets is not None:
-            self.budgets.add(row.get("account"), row.get("user"), row.get("cost_usd"))
 
 
 def _large_or_unknown_body(req: http.Request) -> bool:

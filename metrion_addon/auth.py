@@ -25,6 +25,7 @@ class AuthOk:
     set_headers: dict[str, str]  # headers to set upstream (managed: the real key)
     remove_headers: tuple[str, ...]  # headers to drop before forwarding (besides every x-metrion-*)
     proxy_token: str = ""  # the proxy token presented: no header that holds it goes upstream
+    user: str | None = None  # the user the token is bound to (config `tokens: [{token: ..., user: ...}]`)
 
 
 @dataclass(frozen=True)
@@ -36,14 +37,23 @@ class AuthError:
 
 class Authenticator:
     def __init__(self, accounts: tuple[Account, ...]) -> None:
-        self._table: list[tuple[bytes, Account]] = [(h, a) for a in accounts for h in a.token_hashes]
+        self._table: list[tuple[bytes, Account, str | None]] = [
+            (h, a, a.token_users[i] if i < len(a.token_users) else None)
+            for a in accounts
+            for i, h in enumerate(a.token_hashes)
+        ]
 
     def lookup(self, token: str) -> Account | None:
+        found = self.lookup_bound(token)
+        return found[0] if found is not None else None
+
+    def lookup_bound(self, token: str) -> tuple[Account, str | None] | None:
+        """The token's account and the user it is bound to (None: not bound)."""
         digest = hash_token(token)
-        found: Account | None = None
-        for h, account in self._table:  # no early exit: constant time over the table
+        found: tuple[Account, str | None] | None = None
+        for h, account, user in self._table:  # no early exit: constant time over the table
             if hmac.compare_digest(h, digest):
-                found = account
+                found = (account, user)
         return found
 
     def authenticate(self, headers: Mapping[str, str]) -> AuthOk | AuthError:
@@ -53,7 +63,8 @@ class Authenticator:
 
         # Managed mode: the client's credential is one of our proxy tokens.
         if credential is not None and (credential.startswith(TOKEN_PREFIX) or metrion_token is None):
-            account = self.lookup(credential)
+            bound = self.lookup_bound(credential)
+            account, user = bound if bound is not None else (None, None)
             if account is None:
                 if credential.startswith(TOKEN_PREFIX):
                     return AuthError("invalid proxy token: it is not configured in this metrion proxy")
@@ -73,17 +84,24 @@ class Authenticator:
                 # Any Authorization header goes too: upstream must see only the account's key.
                 remove_headers=("authorization",),
                 proxy_token=credential,
+                user=user,
             )
 
         # Pass-through: the client's own key/bearer goes upstream untouched, the account comes from the header.
         if metrion_token is not None:
-            account = self.lookup(metrion_token)
+            bound = self.lookup_bound(metrion_token)
+            account, user = bound if bound is not None else (None, None)
             if account is None:
                 return AuthError("invalid x-metrion-token: it is not configured in this metrion proxy")
             if not account.allow_passthrough:
                 return AuthError(f"account {account.name!r} does not allow pass-through; use its proxy token")
             return AuthOk(
-                account=account, mode="passthrough", set_headers={}, remove_headers=(), proxy_token=metrion_token
+                account=account,
+                mode="passthrough",
+                set_headers={},
+                remove_headers=(),
+                proxy_token=metrion_token,
+                user=user,
             )
 
         return AuthError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import datetime
 from typing import Any
 
 from mitmproxy import http
@@ -85,4 +86,14 @@ class BatchHooks:
         if loop is not None and not loop.is_closed():
             # RuntimeError: the loop closed meanwhile (shutdown); the row is stored, budgets reload from it
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self.budgets.add, row.get("account"), row.get("user"), row.get("cost_usd"))
+                started = _epoch(row.get("ts"))  # counted in the periods of the row's ts, as the restart seed does
+                loop.call_soon_threadsafe(
+                    self.budgets.add, row.get("account"), row.get("user"), row.get("cost_usd"), started
+                )
+
+
+def _epoch(ts: Any) -> float | None:
+    try:
+        return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp() if isinstance(ts, str) else None
+    except ValueError:
+        return None

@@ -1,8 +1,13 @@
 """Spend limits per account and per (account, user), over calendar days and months in a configured time zone.
 
 Spend is kept in memory per (scope, period start), seeded from the database at start-up and increased as each
-request's row is priced. A request is checked before it is forwarded, so requests already in flight when a
-limit is crossed still complete: the overshoot is at most the cost of the requests in flight at that moment.
+request's row is priced. A request counts in the periods of its **start time**, live and after a restart (the
+row's `ts` is its start time, and that is what the seed reads).
+
+Hard limits hold under a burst by reservation: a request is admitted only if, for every hard budget that applies,
+spent + reserved (by requests in flight) + its own worst-case cost (see estimate.py) fits the limit. When its row
+is priced, the reservation is replaced by the real cost (on an error or a disconnect: by what was billed). So a
+hard limit is exceeded by at most the estimation error: the amount by which real costs exceeded their estimates.
 """
 
 from __future__ import annotations
@@ -10,15 +15,21 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from metrion_addon.labels import LabelError, label_key
+
 log = logging.getLogger(__name__)
 
 PERIODS = ("daily", "monthly")
+ALERT_EVENTS = ("soft", "hard_80", "hard")
+_EPS = 1e-12  # float noise: a reservation that fits to the last bit fits
+RETAIN_DAYS = 3  # past periods kept in memory (a request still in flight settles into the period it started in)
 
 
 @dataclass(frozen=True)
@@ -32,7 +43,7 @@ class Limit:
 class AccountBudgets:
     account: tuple[Limit, ...] = ()
     user_default: tuple[Limit, ...] = ()  # for every user (and for requests without a user label)
-    users: dict[str, tuple[Limit, ...]] = field(default_factory=dict)
+    users: dict[str, tuple[Limit, ...]] = field(default_factory=dict)  # keys are label keys (labels.label_key)
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class BudgetSettings:
     timezone: str = "UTC"
     block_unknown_models: bool = False
     accounts: dict[str, AccountBudgets] = field(default_factory=dict)
+    unknown_model: str = "max_rate"  # under a hard limit: reserve at the most expensive known rate, or "refuse"
 
     @property
     def any(self) -> bool:
@@ -47,6 +59,7 @@ class BudgetSettings:
 
 
 Scope = tuple[str, str | None, bool]  # (account, user, is_user_scope)
+Key = tuple[Scope, str, datetime]  # (scope, period, period start)
 
 
 @dataclass(frozen=True)
@@ -56,10 +69,11 @@ class BudgetState:
     spent: float
     period_start: datetime
     resets_at: datetime
+    reserved: float = 0.0  # by requests in flight
 
     @property
     def remaining(self) -> float:
-        return self.limit.usd - self.spent
+        return self.limit.usd - self.spent - self.reserved
 
     @property
     def exceeded(self) -> bool:
@@ -73,10 +87,17 @@ class BudgetState:
         )
         return f"{who} {self.limit.period} budget"
 
-    def message(self) -> str:
+    def message(self, asked: float = 0.0) -> str:
+        if self.exceeded or asked <= 0:
+            return (
+                f"metrion budget exceeded: {self.name} of ${self.limit.usd:,.2f} is used up "
+                f"(spent ${self.spent:,.4f}, reserved by requests in flight ${self.reserved:,.4f}); "
+                f"it resets at {self.resets_at.isoformat()}"
+            )
         return (
-            f"metrion budget exceeded: {self.name} of ${self.limit.usd:,.2f} is used up "
-            f"(spent ${self.spent:,.4f}); it resets at {self.resets_at.isoformat()}"
+            f"metrion budget exceeded: {self.name} of ${self.limit.usd:,.2f} cannot cover this request's "
+            f"worst-case cost of ${asked:,.4f} (spent ${self.spent:,.4f}, reserved by requests in flight "
+            f"${self.reserved:,.4f}); lower max_tokens, or wait until it resets at {self.resets_at.isoformat()}"
         )
 
 
@@ -85,6 +106,15 @@ class Check:
     blocked: BudgetState | None
     warnings: tuple[BudgetState, ...]
     remaining: float | None  # of the tightest budget that applies; None when none applies
+    asked: float = 0.0  # the reservation that did not fit (0: the budget is used up)
+
+
+@dataclass
+class Ticket:
+    """A request admitted under budgets: where its cost goes (the periods of its start) and what it reserved."""
+
+    keys: tuple[Key, ...]
+    amount: float = 0.0
 
 
 def file_clock(path: str) -> Callable[[], float]:
@@ -102,11 +132,13 @@ def file_clock(path: str) -> Callable[[], float]:
     return clock
 
 
-def response_headers(check: Check) -> dict[str, str]:
+def response_headers(check: Check, reserved: float | None = None) -> dict[str, str]:
     """What every proxied response tells the client about its budgets."""
     headers: dict[str, str] = {}
     if check.remaining is not None:
         headers["x-metrion-budget-remaining-usd"] = f"{check.remaining:.6f}"
+    if reserved is not None:
+        headers["x-metrion-budget-reserved-usd"] = f"{reserved:.6f}"
     if check.warnings:
         headers["x-metrion-budget-warning"] = "; ".join(
             f"{s.name} of ${s.limit.usd:,.2f} reached (soft limit)" for s in check.warnings
@@ -114,13 +146,32 @@ def response_headers(check: Check) -> dict[str, str]:
     return headers
 
 
+def db_label_key(user: str | None) -> str | None:
+    """A user column value as a budget key (rows written before labels were normalised included)."""
+    try:
+        return label_key(user)
+    except LabelError:
+        return user
+
+
 class Budgets:
-    def __init__(self, settings: BudgetSettings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: BudgetSettings,
+        clock: Callable[[], float] = time.time,
+        on_alert: Callable[[str, BudgetState], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.tz = ZoneInfo(settings.timezone)
         self.clock = clock
-        self._spent: dict[tuple[Scope, str, datetime], float] = {}
-        self._warned: set[tuple[Scope, str, datetime]] = set()
+        self.on_alert = on_alert
+        self._spent: dict[Key, float] = {}
+        self._reserved: dict[Key, float] = {}
+        self._tickets: dict[Hashable, Ticket] = {}
+        self._warned: set[Key] = set()
+        self._alerted: set[tuple[Key, str]] = set()
+        self._pruned_on: datetime | None = None
+        self.lock = threading.Lock()  # the event loop mutates; the in-flight file writer thread reads
 
     # -- periods -----------------------------------------------------------------------------------
 
@@ -147,60 +198,189 @@ class Budgets:
         out += [((account, user, True), lim) for lim in user_limits]
         return out
 
+    def applies(self, account: str, user: str | None, hard_only: bool = False) -> bool:
+        return any(lim.hard or not hard_only for _, lim in self._limits(account, user))
+
     def states(self, account: str, user: str | None, now: float | None = None) -> list[BudgetState]:
         now = self.clock() if now is None else now
         states = []
         for scope, lim in self._limits(account, user):
             start, end = self.period(lim.period, now)
-            spent = self._spent.get((scope, lim.period, start), 0.0)
-            states.append(BudgetState(scope, lim, spent, start, end))
+            key = (scope, lim.period, start)
+            states.append(BudgetState(scope, lim, self._spent.get(key, 0.0), start, end, self._reserved.get(key, 0.0)))
         return states
 
-    def check(self, account: str, user: str | None) -> Check:
-        now = self.clock()
+    def check(
+        self, account: str, user: str | None, amount: float = 0.0, now: float | None = None, alert: bool = True
+    ) -> Check:
+        """Whether a request of worst-case cost `amount` fits every hard budget (amount 0: whether any is used
+        up, counting what requests in flight have reserved). A refusal is the `hard` alert (when `alert`)."""
+        now = self.clock() if now is None else now
         states = self.states(account, user, now)
         if not states:
             return Check(None, (), None)
-        hard = [s for s in states if s.limit.hard and s.exceeded]
+        if amount > 0:
+            hard = [s for s in states if s.limit.hard and s.spent + s.reserved + amount > s.limit.usd + _EPS]
+        else:
+            hard = [s for s in states if s.limit.hard and s.spent + s.reserved >= s.limit.usd]
         warnings = tuple(s for s in states if not s.limit.hard and s.exceeded)
         for s in warnings:
             key = (s.scope, s.limit.period, s.period_start)
             if key not in self._warned:
                 self._warned.add(key)
                 log.warning("metrion: soft limit reached: %s", s.message())
+        for s in hard if alert else ():
+            self._alert("hard", s)  # a request refused by a hard limit
         blocked = max(hard, key=lambda s: s.resets_at, default=None)  # passes only once all have reset
-        return Check(blocked, warnings, max(0.0, min(s.remaining for s in states)))
+        asked = amount if blocked is not None and not blocked.exceeded else 0.0
+        return Check(blocked, warnings, max(0.0, min(s.remaining for s in states)), asked)
 
     def retry_after(self, state: BudgetState) -> int:
         return max(1, math.ceil(state.resets_at.timestamp() - self.clock()))
 
+    # -- reservations ------------------------------------------------------------------------------
+
+    def open(self, ticket: Hashable, account: str, user: str | None, started: float) -> None:
+        """Start tracking a request admitted at `started` (its cost will count in those periods)."""
+        keys = tuple(
+            (scope, lim.period, self.period(lim.period, started)[0]) for scope, lim in self._limits(account, user)
+        )
+        if keys:
+            self._tickets[ticket] = Ticket(keys)
+            self._prune(started)
+
+    def reserve(self, ticket: Hashable, account: str, user: str | None, amount: float, started: float) -> Check:
+        """Reserve `amount` for an open ticket if it fits every hard budget; the Check says whether it did."""
+        check = self.check(account, user, amount, now=started)
+        t = self._tickets.get(ticket)
+        if check.blocked is None and t is not None and amount > 0:
+            with self.lock:
+                t.amount += amount
+                for key in t.keys:
+                    self._reserved[key] = self._reserved.get(key, 0.0) + amount
+            check = self.check(account, user, now=started, alert=False)  # remaining counts this reservation
+        return check
+
+    def settle(self, ticket: Hashable, cost: float | None) -> bool:
+        """Replace a ticket's reservation by the request's real cost. False when the ticket is unknown."""
+        t = self._tickets.pop(ticket, None)
+        if t is None:
+            return False
+        with self.lock:
+            for key in t.keys:
+                left = self._reserved.get(key, 0.0) - t.amount
+                if left > _EPS:
+                    self._reserved[key] = left
+                else:
+                    self._reserved.pop(key, None)
+                if cost:
+                    self._spent[key] = self._spent.get(key, 0.0) + cost
+        if cost:
+            self._after_spend(t.keys)
+        return True
+
+    def _prune(self, now: float) -> None:
+        """Forget periods that ended over RETAIN_DAYS ago (once a day): memory stays bounded as days pass."""
+        day = self.period("daily", now)[0]
+        if day == self._pruned_on:
+            return
+        self._pruned_on = day
+        cutoff = day - timedelta(days=RETAIN_DAYS)
+
+        def old(key: Key) -> bool:
+            return key not in self._reserved and self.period(key[1], key[2].timestamp())[1] < cutoff
+
+        with self.lock:
+            for key in [k for k in self._spent if old(k)]:
+                del self._spent[key]
+        self._warned = {k for k in self._warned if not old(k)}
+        self._alerted = {m for m in self._alerted if not old(m[0])}
+
+    def open_ticket(self, ticket: Hashable) -> bool:
+        return ticket in self._tickets
+
+    def reserved_for(self, ticket: Hashable) -> float:
+        t = self._tickets.get(ticket)
+        return t.amount if t is not None else 0.0
+
+    def reservations(self) -> list[tuple[Key, float]]:
+        """In-flight reservations per budget period (thread-safe snapshot)."""
+        with self.lock:
+            return [(k, v) for k, v in self._reserved.items() if v > _EPS]
+
     # -- spend -------------------------------------------------------------------------------------
 
     def add(self, account: str | None, user: str | None, cost: float | None, now: float | None = None) -> None:
+        """Count `cost` in the periods of `now` (the request's start time) without a ticket."""
         if not account or not cost:
             return
         now = self.clock() if now is None else now
-        for scope, lim in self._limits(account, user):
-            start, _ = self.period(lim.period, now)
-            key = (scope, lim.period, start)
-            self._spent[key] = self._spent.get(key, 0.0) + cost
+        keys = []
+        with self.lock:
+            for scope, lim in self._limits(account, user):
+                start, _ = self.period(lim.period, now)
+                key = (scope, lim.period, start)
+                self._spent[key] = self._spent.get(key, 0.0) + cost
+                keys.append(key)
+        self._after_spend(tuple(keys))
+
+    def _after_spend(self, keys: tuple[Key, ...]) -> None:
+        if self.on_alert is None:
+            return
+        for scope, period, start in keys:
+            lim = next(
+                (lim for s, lim in self._limits(scope[0], scope[1]) if s == scope and lim.period == period), None
+            )
+            if lim is None:
+                continue
+            key = (scope, period, start)
+            spent = self._spent.get(key, 0.0)
+            end = self.period(period, start.timestamp())[1]
+            state = BudgetState(scope, lim, spent, start, end, self._reserved.get(key, 0.0))
+            if not lim.hard and spent >= lim.usd:
+                self._alert("soft", state)
+            if lim.hard and spent >= 0.8 * lim.usd:
+                self._alert("hard_80", state)
+            if lim.hard and spent >= lim.usd:
+                self._alert("hard", state)
+
+    def _alert(self, event: str, state: BudgetState) -> None:
+        mark = ((state.scope, state.limit.period, state.period_start), event)
+        if self.on_alert is None or mark in self._alerted:
+            return
+        self._alerted.add(mark)  # once per budget, threshold and period
+        try:
+            self.on_alert(event, state)
+        except Exception:
+            log.exception("metrion: could not queue a budget alert")
 
     def seed(self, conn: sqlite3.Connection, now: float | None = None) -> None:
-        """Load the current periods' spend from the database, so a restart neither forgets nor double-counts."""
+        """Load the current periods' spend from the database, so a restart neither forgets nor double-counts.
+
+        Rows are counted by their `ts`, the request's start time: the same periods the live counter used."""
         now = self.clock() if now is None else now
+        has_budget_usd = any(r[1] == "budget_usd" for r in conn.execute("PRAGMA table_info(requests)"))
+        cost = "COALESCE(cost_usd, budget_usd)" if has_budget_usd else "cost_usd"  # unpriced: its reservation
         for period in PERIODS:
-            start, _ = self.period(period, now)
-            since = start.astimezone(ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+            start, end = self.period(period, now)
+            since, until = (t.astimezone(ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%S.000Z") for t in (start, end))
             rows = conn.execute(
-                "SELECT account, user, SUM(cost_usd) FROM requests WHERE ts >= ? AND account IS NOT NULL "
-                "AND cost_usd IS NOT NULL GROUP BY account, user",
-                (since,),
+                f"SELECT account, user, SUM({cost}) FROM requests WHERE ts >= ? AND ts < ? AND account IS NOT NULL "
+                f"AND {cost} IS NOT NULL GROUP BY account, user",
+                (since, until),
             ).fetchall()
             for account, user, total in rows:
-                for scope, lim in self._limits(account, user):
+                for scope, lim in self._limits(account, db_label_key(user)):
                     if lim.period == period:
                         key = (scope, period, start)
                         self._spent[key] = self._spent.get(key, 0.0) + (total or 0.0)
+        for key, spent in self._spent.items():  # thresholds already crossed before a restart: alerted then
+            scope, period, start = key
+            for s, lim in self._limits(scope[0], scope[1]):
+                if s == scope and lim.period == period:
+                    for event, at in (("soft", 1.0), ("hard_80", 0.8), ("hard", 1.0)):
+                        if (event == "soft") != lim.hard and spent >= at * lim.usd:
+                            self._alerted.add((key, event))
 
     def status(self, now: float | None = None) -> list[BudgetState]:
         """Every configured account and named-user budget in the current periods (for the report)."""
@@ -210,9 +390,20 @@ class Budgets:
             out += [s for s in self.states(account, None, now) if not s.scope[2]]
             for user in spec.users:
                 out += [s for s in self.states(account, user, now) if s.scope[2]]
-            for (scope, period, start), spent in self._spent.items():
-                if scope[0] == account and scope[2] and scope[1] not in spec.users and spec.user_default:
-                    lim = next((x for x in spec.user_default if x.period == period), None)
-                    if lim is not None and start == self.period(period, now)[0]:
-                        out.append(BudgetState(scope, lim, spent, start, self.period(period, now)[1]))
+            seen = {(s.scope, s.limit.period) for s in out}
+            for scope, period, start in list(self._spent) + list(self._reserved):
+                if scope[0] != account or not scope[2] or scope[1] in spec.users or (scope, period) in seen:
+                    continue
+                lim = next((x for x in spec.user_default if x.period == period), None)
+                if lim is not None and start == self.period(period, now)[0]:
+                    seen.add((scope, period))
+                    key = (scope, period, start)
+                    end = self.period(period, now)[1]
+                    out.append(
+                        BudgetState(scope, lim, self._spent.get(key, 0.0), start, end, self._reserved.get(key, 0.0))
+                    )
         return out
+
+    def add_reserved(self, key: Key, usd: float) -> None:
+        """For the report: a reservation another process (the proxy) holds."""
+        self._reserved[key] = self._reserved.get(key, 0.0) + usd

@@ -18,7 +18,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
+from metrion_addon.alerts import AlertHook, parse_alerts
 from metrion_addon.budget import PERIODS, AccountBudgets, BudgetSettings, Limit
+from metrion_addon.labels import LabelError, required_label_key
 
 TOKEN_PREFIX = "sk-metrion-"
 _SHA256_RE = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
@@ -36,6 +38,7 @@ class Account:
     token_hashes: tuple[bytes, ...]
     anthropic_api_key: str | None = field(default=None, repr=False)
     allow_passthrough: bool = True
+    token_users: tuple[str | None, ...] = ()  # per token (same order as token_hashes): the user it is bound to
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,8 @@ class Config:
     reconcile: ReconcileSettings = field(default_factory=ReconcileSettings)
     metrics_listen: tuple[str, int] | None = None  # (host, port) of the Prometheus listener; None: off
     metrics_users: tuple[str, ...] = ()  # user labels that get their own metrics label; all others are `other`
+    bound_user_header: str = "refuse"  # a token-bound user and a different x-metrion-user: refuse (403) | ignore
+    alerts: tuple[AlertHook, ...] = ()
 
 
 def hash_token(token: str) -> bytes:
@@ -116,6 +121,7 @@ def _convert(node: yaml.Node) -> _Node:
         out: dict[str, _Node] = {}
         for key_node, value_node in node.value:
             key = _LOADER.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
+            key = "on" if key is True and key_node.value.lower() == "on" else key  # YAML 1.1: bare `on` is true
             if not isinstance(key, str):
                 raise ConfigError(f"line {key_node.start_mark.line + 1}: mapping keys must be plain names")
             if key in out:
@@ -268,6 +274,9 @@ _TOP_KEYS = (
     "reconcile",
     "metrics_listen",
     "metrics_users",
+    "bound_user_header",
+    "unknown_model_budget",
+    "alerts",
 )
 _ACCOUNT_KEYS = ("name", "tokens", "anthropic_api_key", "allow_passthrough", "budget", "user_budget", "user_budgets")
 _LIMIT_KEYS = ("usd", "enforce")
@@ -296,6 +305,24 @@ def _limits(ctx: _Ctx, node: _Node, where: str) -> tuple[Limit, ...]:
     return tuple(limits)
 
 
+def _user_key(ctx: _Ctx, node: _Node, where: str, label: object) -> str:
+    try:  # as budgets compare it
+        return required_label_key(label)
+    except LabelError as e:
+        raise ctx.fail(where, node, str(e)) from None
+
+
+def _token(ctx: _Ctx, node: _Node, where: str) -> tuple[bytes, str | None]:
+    """A token: a plain string, or {token: ..., user: alice} for a token bound to its user."""
+    if not isinstance(node.value, dict):
+        return _token_hash(ctx, node, where), None
+    tok = ctx.mapping(node, where, ("token", "user"))
+    if "token" not in tok:
+        raise ctx.fail(f"{where}.token", node, "required")
+    user = _user_key(ctx, tok["user"], f"{where}.user", tok["user"].value) if "user" in tok else None
+    return _token_hash(ctx, tok["token"], f"{where}.token"), user
+
+
 def _account_budgets(ctx: _Ctx, acc: dict[str, _Node], where: str) -> AccountBudgets | None:
     if not any(k in acc for k in ("budget", "user_budget", "user_budgets")):
         return None
@@ -304,7 +331,12 @@ def _account_budgets(ctx: _Ctx, acc: dict[str, _Node], where: str) -> AccountBud
         node = acc["user_budgets"]
         if not isinstance(node.value, dict):
             raise ctx.fail(f"{where}.user_budgets", node, "must be a mapping of user label -> limits")
-        users = {u: _limits(ctx, n, f"{where}.user_budgets.{u}") for u, n in node.value.items()}
+        for u, n in node.value.items():
+            uw = f"{where}.user_budgets.{u}"
+            key = _user_key(ctx, n, uw, u)
+            if key in users:
+                raise ctx.fail(uw, n, f"is the same user as another entry (labels compare as {key!r})")
+            users[key] = _limits(ctx, n, uw)
     return AccountBudgets(
         account=_limits(ctx, acc["budget"], f"{where}.budget") if "budget" in acc else (),
         user_default=_limits(ctx, acc["user_budget"], f"{where}.user_budget") if "user_budget" in acc else (),
@@ -383,13 +415,15 @@ def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
         if "tokens" not in acc:
             raise ctx.fail(f"{where}.tokens", acc_node, "required (a list of proxy tokens)")
         hashes: list[bytes] = []
+        token_users: list[str | None] = []
         for j, tok_node in enumerate(ctx.sequence(acc["tokens"], f"{where}.tokens")):
             tw = f"{where}.tokens[{j}]"
-            h = _token_hash(ctx, tok_node, tw)
+            h, bound = _token(ctx, tok_node, tw)
             if h in seen_tokens:
                 raise ctx.fail(tw, tok_node, f"duplicate token (already used at {seen_tokens[h]})")
             seen_tokens[h] = tw
             hashes.append(h)
+            token_users.append(bound)
         if not hashes:
             raise ctx.fail(f"{where}.tokens", acc["tokens"], "must hold at least one token")
         key = None
@@ -402,7 +436,7 @@ def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
             raise ctx.fail(
                 where, acc_node, "needs anthropic_api_key (managed mode) or allow_passthrough: true, or both"
             )
-        accounts.append(Account(name, tuple(hashes), key, passthrough))
+        accounts.append(Account(name, tuple(hashes), key, passthrough, tuple(token_users)))
         spec = _account_budgets(ctx, acc, where)
         if spec is not None:
             budgets[name] = spec
@@ -418,12 +452,20 @@ def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
         except (ZoneInfoNotFoundError, ValueError):
             raise ctx.fail("budget_timezone", top["budget_timezone"], f"unknown time zone {tz!r}") from None
     block = ctx.boolean(top["block_unknown_models"], "block_unknown_models") if "block_unknown_models" in top else False
-    kw["budgets"] = BudgetSettings(timezone=tz, block_unknown_models=block, accounts=budgets)
+    for key, allowed in (("unknown_model_budget", ("max_rate", "refuse")), ("bound_user_header", ("refuse", "ignore"))):
+        if key in top and ctx.string(top[key], key) not in allowed:
+            raise ctx.fail(key, top[key], f"must be {' or '.join(map(repr, allowed))}")
+    unknown = top["unknown_model_budget"].value if "unknown_model_budget" in top else "max_rate"
+    kw["budgets"] = BudgetSettings(timezone=tz, block_unknown_models=block, accounts=budgets, unknown_model=unknown)
     if budgets and kw.get("database_url"):
         raise ConfigError(
             f"{path}: field 'database': budgets with a PostgreSQL database are not supported yet (budgets are "
             "kept per proxy; fleet-wide budgets are the next step): use a SQLite database, or remove the budgets"
         )
+    if "bound_user_header" in top:
+        kw["bound_user_header"] = top["bound_user_header"].value
+    if "alerts" in top:
+        kw["alerts"] = parse_alerts(ctx, top["alerts"])
 
     if "pricing" in top:
         pricing = ctx.mapping(top["pricing"], "pricing", _PRICING_KEYS)

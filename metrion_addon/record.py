@@ -40,14 +40,17 @@ def clean_label(value: str | None) -> str | None:
     return REDACTED if label is not None and looks_like_credential(label) else label
 
 
-def request_model(body: bytes, content_type: str) -> str | None:
-    """The `model` of a JSON request body; None when it is not JSON or has none."""
+def request_json(body: bytes, content_type: str) -> Any:
+    """A JSON request body, parsed (once: the model and the budget estimate both read it); None if not JSON."""
     if not body or ("json" not in content_type.lower() and not body.lstrip().startswith(b"{")):
         return None
     try:
-        obj = json.loads(body)
+        return json.loads(body)
     except (ValueError, RecursionError):
         return None
+
+
+def model_of(obj: Any) -> str | None:
     model = obj.get("model") if isinstance(obj, dict) else None
     return clean_text(model, MODEL_MAX) if isinstance(model, str) else None
 
@@ -72,6 +75,11 @@ def counted_tokens(path: str, status: int, body: bytes | None) -> int | None:
         return None
     n = obj.get("input_tokens") if isinstance(obj, dict) else None
     return n if type(n) is int and 0 <= n < 2**63 else None
+
+
+def request_model(body: bytes, content_type: str) -> str | None:
+    """The `model` of a JSON request body; None when it is not JSON or has none."""
+    return model_of(request_json(body, content_type))
 
 
 @dataclass

@@ -30,6 +30,7 @@ from urllib.parse import quote
 from rich import box
 
 from metrion_addon.budget import Budgets, BudgetSettings
+from metrion_addon.inflight import read_inflight
 from metrion_addon.text import clean_text
 
 if TYPE_CHECKING:
@@ -750,6 +751,7 @@ BUDGET_FIELDS = [
     "enforce",
     "limit_usd",
     "spent_usd",
+    "reserved_usd",
     "remaining_usd",
     "exceeded",
     "period_start",
@@ -763,6 +765,9 @@ def view_budgets(conn: sqlite3.Connection, opts: Options) -> Report:
         raise ReportError("no budgets in the config (see budget: / user_budget: in config.example.yaml)", EXIT_USAGE)
     budgets = Budgets(opts.budgets)
     budgets.seed(conn)
+    db = next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main" and r[2]), None)
+    for key, usd in read_inflight(Path(db)) if db else ():  # what running proxies hold for requests in flight
+        budgets.add_reserved(key, usd)
     rows = []
     for s in budgets.status():
         account, user, is_user = s.scope
@@ -776,6 +781,7 @@ def view_budgets(conn: sqlite3.Connection, opts: Options) -> Report:
                 "enforce": "hard" if s.limit.hard else "soft",
                 "limit_usd": s.limit.usd,
                 "spent_usd": round(s.spent, 9),
+                "reserved_usd": round(s.reserved, 9),
                 "remaining_usd": round(max(0.0, s.remaining), 9),
                 "exceeded": s.exceeded,
                 "period_start": s.period_start.isoformat(),
@@ -784,7 +790,7 @@ def view_budgets(conn: sqlite3.Connection, opts: Options) -> Report:
         )
     t = _table(
         f"Budgets · {opts.budgets.timezone} calendar periods",
-        ["account", "user", "period", "enforce", "limit", "spent", "remaining", "resets"],
+        ["account", "user", "period", "enforce", "limit", "spent", "reserved", "remaining", "resets"],
         4,
     )
     for r in rows:
@@ -795,10 +801,15 @@ def view_budgets(conn: sqlite3.Connection, opts: Options) -> Report:
             r["enforce"],
             fmt_usd(r["limit_usd"]),
             fmt_usd(r["spent_usd"]),
+            fmt_usd(r["reserved_usd"]),
             Text(fmt_usd(r["remaining_usd"]), style="bold red" if r["exceeded"] else ""),
             r["resets_at"],
         )
-    note = Text("Users without a named budget appear once they have spent in the current period.", style="dim")
+    note = Text(
+        "Users without a named budget appear once they have spent in the current period. Spent counts each request "
+        "in the period it started; reserved is what running proxies on this host hold for requests in flight.",
+        style="dim",
+    )
     return Report("budgets", BUDGET_FIELDS, rows, None, [t, note])
 
 

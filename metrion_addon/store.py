@@ -89,6 +89,7 @@ COLUMNS: dict[str, type] = {
     "custom_id": str,  # ... and the request's custom_id within it
     "batch_result": str,  # ... and its result type: succeeded | errored | canceled | expired
     **_ATTEMPT_COLUMNS,
+    "budget_usd": float,  # set only when cost_usd is NULL: what budgets counted (the request's reservation)
 }
 INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
 _INT64 = range(-(2**63), 2**63)
@@ -193,12 +194,17 @@ def _m005_attempts(db: sqlite_utils.Database) -> None:
         db["requests"].add_column(name, kind)  # type: ignore[union-attr]
 
 
+def _m006_budget_usd(db: sqlite_utils.Database) -> None:
+    db["requests"].add_column("budget_usd", float)  # type: ignore[union-attr]
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m001_requests,
     _m002_response_model,
     _m003_row_id,
     _m004_batches,
     _m005_attempts,
+    _m006_budget_usd,
 ]
 
 

@@ -72,7 +72,7 @@ class Scenario:
     repeat_usage_in_delta: bool = True  # message_delta repeats input/cache/server-tool fields (cumulative)
     reset_after: int | None = None  # SSE: reset the connection (TCP RST) after this many events
     hold_open: float = 0.0  # SSE: seconds to keep the stream open after its last event, before ending it
-    gate: threading.Event | None = None  # SSE: after the first event, wait (up to 30 s) for this to be set
+    gate: threading.Event | None = None  # wait (up to 30 s) for it: SSE after the first event, JSON before answering
 
 
 @dataclass
@@ -300,6 +300,8 @@ class _Handler(BaseHTTPRequestHandler):
             sc = replace(sc, usage={**sc.usage, "input_tokens": int(tin), "output_tokens": int(tout)})
         if sc.delay:
             time.sleep(sc.delay)
+        if sc.gate is not None and not (sc.stream if sc.stream is not None else req.get("stream") is True):
+            sc.gate.wait(30)
         model = sc.model or (req.get("model") if isinstance(req.get("model"), str) else None) or "claude-sonnet-5-5"
         path = self.path.partition("?")[0]
         msg_id = "msg_" + rid.removeprefix("req_")

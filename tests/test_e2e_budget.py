@@ -99,10 +99,15 @@ def settled(launcher: Launcher, n: int) -> None:
 
 
 def stream_once(c: anthropic.Anthropic) -> str | None:
-    """One streamed request; returns the x-metrion-budget-remaining-usd header it got."""
+    """One streamed request; returns what the x-metrion-budget-remaining-usd header said was left *before* this
+    request's own reservation (x-metrion-budget-reserved-usd), i.e. the limit minus what was spent."""
     with c.messages.stream(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "x"}]) as s:
         s.until_done()
-        return s.response.headers.get("x-metrion-budget-remaining-usd")
+        h = s.response.headers
+        remaining = h.get("x-metrion-budget-remaining-usd")
+        if remaining is None:
+            return None
+        return f"{float(remaining) + float(h.get('x-metrion-budget-reserved-usd', 0)):.6f}"
 
 
 def test_hard_budget_holds_across_restart_and_resets_next_day(launcher: Launcher, fake: FakeUpstream) -> None:
@@ -145,7 +150,8 @@ def test_soft_user_budget_warns_in_a_header_but_allows(launcher: Launcher) -> No
     raw = c.messages.with_raw_response.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert "x-metrion-budget-warning" not in raw.headers
     settled(launcher, 1)
-    assert raw.headers["x-metrion-budget-remaining-usd"] == "0.010000"  # carol's $0.01 soft limit is tightest
+    left = float(raw.headers["x-metrion-budget-remaining-usd"]) + float(raw.headers["x-metrion-budget-reserved-usd"])
+    assert f"{left:.6f}" == "0.010000"  # carol's $0.01 soft limit is tightest (less this request's reservation)
     raw = c.messages.with_raw_response.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert raw.http_response.status_code == 200
     assert "user 'carol' daily budget" in raw.headers["x-metrion-budget-warning"]

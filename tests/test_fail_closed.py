@@ -251,7 +251,7 @@ def test_only_the_exact_count_tokens_path_is_free(proxy: Proxy, path: bytes) -> 
     label = "path-" + path.decode()
     r = send_raw(proxy.port, request_bytes("POST", path, managed(label), BODY))
     assert r.status == 200
-    row = one_row(proxy, "user = ?", (label,))
+    row = one_row(proxy, "user = ?", (label.casefold(),))  # labels are stored normalised (case-folded)
     assert row["price_source"] != "free:count_tokens"
     assert row["cost_usd"] and row["cost_usd"] > 0
 

@@ -1,0 +1,204 @@
+"""Budget admission for the addon: which requests budgets see, what they reserve, and the refusals. No mitmproxy.
+
+The addon calls, per request: `at_headers` in `requestheaders` (before any byte goes upstream), `at_body` in the
+`request` hook once the body is buffered, and `settle` when the row is priced (response, error, disconnect or
+shutdown). Everything here runs on the event loop and is O(budgets that apply); the alert and in-flight file
+threads only read snapshots.
+
+Rules (docs/budgets.md):
+- Free endpoints (`count_tokens`, `models`) are never refused by a budget: refusing them saves nothing.
+- Any other request is refused (429) when a hard budget that applies is used up: spent + reserved >= limit.
+- A Messages request reserves its worst-case cost (estimate.py) against every budget that applies, and is
+  refused (429) when that does not fit a hard one. An unknown model is reserved at the most expensive known
+  rates (`unknown_model_budget: max_rate`, the default) or refused (403, `refuse`).
+- A body over `stream_large_bodies` goes upstream before it can be read: under a hard budget it reserves its
+  Content-Length as prompt tokens at the most expensive rates plus MAX_OUTPUT_TOKENS of output, and is refused
+  (413) when it has no Content-Length (nothing bounds it).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from metrion_addon import estimate as est
+from metrion_addon.alerts import Alerter, AlertHook
+from metrion_addon.budget import Budgets, BudgetSettings, Check, response_headers
+from metrion_addon.inflight import InflightWriter
+from metrion_addon.labels import LabelError, UserConflict, resolve_user
+from metrion_addon.pricing import COUNT_TOKENS_PATH, Pricer, Rates
+from metrion_addon.record import clean_label
+
+log = logging.getLogger(__name__)
+
+MESSAGES_PATH = "/v1/messages"
+
+
+def is_free(path: str) -> bool:
+    """Endpoints Anthropic does not bill: budgets never refuse them."""
+    return path == COUNT_TOKENS_PATH or path == "/v1/models" or path.startswith("/v1/models/")
+
+
+def user_for(bound: str | None, header: str | None, on_conflict: str) -> tuple[str | None, Refusal | None]:
+    """The request's user (labels.resolve_user), or the refusal: 403 for a header naming another user than the
+    token's, 400 for a label that mixes scripts."""
+    try:
+        return resolve_user(bound, header, on_conflict), None
+    except UserConflict as e:
+        return bound, Refusal(403, "permission_error", f"{e}; remove the header", "user_conflict")
+    except LabelError as e:
+        return clean_label(header), Refusal(400, "invalid_request_error", f"x-metrion-user: {e}", "invalid_user")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    status: int
+    error_type: str
+    message: str
+    record_as: str
+    retry_after: str | None = None
+
+
+class Gate:
+    def __init__(
+        self,
+        settings: BudgetSettings,
+        pricer: Pricer,
+        clock: Callable[[], float],
+        alerts: tuple[AlertHook, ...] = (),
+    ) -> None:
+        self.settings = settings
+        self.pricer = pricer
+        self.alerter = Alerter(alerts)
+        self.budgets = Budgets(settings, clock=clock, on_alert=self.alerter.enqueue)
+        self.inflight: InflightWriter | None = None
+        self._max: tuple[str, Rates] | None = None  # (UTC day, rates): prices change by date
+        self.test_clock = False  # metrion_test_clock: request times follow the test clock (see shift)
+
+    def start(self, database: Path, connect: Callable[[Path], sqlite3.Connection]) -> Gate:
+        if self.settings.any:
+            conn = connect(database)
+            try:
+                self.budgets.seed(conn)  # a restart neither forgets nor double-counts this period's spend
+            finally:
+                conn.close()
+            self.inflight = InflightWriter(database, self.budgets).start()
+        self.alerter.start()
+        return self
+
+    def close(self) -> None:
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
+        self.alerter.close()
+
+    def shift(self) -> float:
+        """Testing only: how far the test clock is from the real one (0 unless metrion_test_clock is set)."""
+        return self.budgets.clock() - time.time() if self.test_clock else 0.0
+
+    def max_rates(self, started: float) -> Rates:
+        ts = datetime.fromtimestamp(started, UTC)
+        day = ts.date().isoformat()
+        if self._max is None or self._max[0] != day:
+            self._max = (day, est.max_rates(self.pricer, ts))
+        return self._max[1]
+
+    # -- the three steps ---------------------------------------------------------------------------
+
+    def at_headers(
+        self,
+        ticket: Hashable,
+        account: str,
+        user: str | None,
+        path: str,
+        started: float,
+        streamed_body: bool = False,
+        content_length: str | None = None,
+    ) -> tuple[Refusal | None, dict[str, str]]:
+        """Before any byte goes upstream: refused if a hard budget is used up; else the ticket is opened (its cost
+        will count in the periods of `started`). A body that will not be buffered reserves here."""
+        if is_free(path):
+            return None, {}
+        check = self.budgets.check(account, user, now=started)
+        if check.blocked is not None:
+            return self._refusal(check), {}
+        self.budgets.open(ticket, account, user, started)
+        if streamed_body and self.budgets.applies(account, user, hard_only=True):
+            try:
+                length = int(content_length or "")
+            except ValueError:
+                length = -1
+            if length < 0:
+                msg = (
+                    "this request's body is streamed upstream before metrion can read it (over stream_large_bodies) "
+                    "and has no Content-Length, so its cost has no bound; a hard budget applies, so it is refused"
+                )
+                return Refusal(413, "request_too_large", msg, "budget_unbounded"), {}
+            return self._reserve(ticket, account, user, started, est.unreadable_body(length, self.max_rates(started)))
+        return None, response_headers(check)
+
+    def at_body(
+        self, ticket: Hashable, account: str, user: str | None, path: str, started: float, size: int, body: object
+    ) -> tuple[Refusal | None, dict[str, str] | None]:
+        """The body is buffered: a Messages request reserves its worst-case cost. (None, None): nothing changed."""
+        if path != MESSAGES_PATH or not self.budgets.open_ticket(ticket):
+            return None, None
+        if not self.budgets.applies(account, user, hard_only=True):
+            return None, None
+        unknown = self.max_rates(started) if self.settings.unknown_model == "max_rate" else None
+        e = est.estimate(size, body, self.pricer, datetime.fromtimestamp(started, UTC), unknown)
+        if e is None:
+            model = body.get("model") if isinstance(body, dict) else None
+            msg = (
+                f"model {str(model)[:100]!r} has no known price, and a hard budget applies: this metrion proxy "
+                "refuses unpriced models under a hard budget (unknown_model_budget: refuse)"
+            )
+            return Refusal(403, "permission_error", msg, "unknown_model_blocked"), None
+        return self._reserve(ticket, account, user, started, e)
+
+    def settle(
+        self, ticket: Hashable, account: str | None, user: str | None, cost: float | None, started: float
+    ) -> float | None:
+        """The row is priced: its cost replaces the reservation, in the periods of the request's start. A request
+        without a price (unknown model, unreadable usage) counts as its reservation, the bound it was admitted
+        under; that amount is returned, for the row's `budget_usd`, so a restart and the report count it too."""
+        charged = None
+        if cost is None and self.budgets.reserved_for(ticket) > 0:
+            charged = cost = self.budgets.reserved_for(ticket)
+        if not self.budgets.settle(ticket, cost):
+            self.budgets.add(account, user, cost, now=started)
+        elif self.inflight is not None:
+            self.inflight.changed()
+        return charged
+
+    def settle_row(self, ticket: Hashable, row: dict[str, Any], started: float) -> None:
+        """`settle` for a row about to be stored; never raises (the row is stored whatever happens here)."""
+        try:
+            charged = self.settle(ticket, row.get("account"), row.get("user"), row.get("cost_usd"), started)
+            if charged is not None:
+                row["budget_usd"] = charged  # unpriced: counted at its reservation, after a restart too
+        except Exception:
+            log.exception("metrion: failed to count a request toward its budgets")
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _reserve(
+        self, ticket: Hashable, account: str, user: str | None, started: float, e: est.Estimate
+    ) -> tuple[Refusal | None, dict[str, str]]:
+        check = self.budgets.reserve(ticket, account, user, float(e.usd), started)
+        if check.blocked is not None:
+            return self._refusal(check), {}
+        if self.inflight is not None:
+            self.inflight.changed()
+        return None, response_headers(check, reserved=self.budgets.reserved_for(ticket))
+
+    def _refusal(self, check: Check) -> Refusal:
+        assert check.blocked is not None
+        retry = str(self.budgets.retry_after(check.blocked))
+        return Refusal(429, "rate_limit_error", check.blocked.message(check.asked), "budget_exceeded", retry)
