@@ -1,0 +1,549 @@
+"""`metrion-report html`: the cost report as one self-contained HTML page, for people who are not at a terminal.
+
+The page has no scripts, fonts or links to fetch: CSS and inline SVG charts only, so it works offline, as an
+e-mail attachment and on paper. Every value read from the database goes through `html.escape` (labels are
+user-controlled). The numbers come from the terminal report's own code: `view_summary`, `view_errors` and
+`view_budgets` as they are; the per-day, per-model/account and per-user figures from one pass over the same
+filtered rows and the same period bounds (`report._load_periods`), one GROUP BY per day: a sort of each day's
+rows is much cheaper than one sort of them all. The top requests are found from each group's MAX(cost), so only
+the few groups that can hold them are read again. The two halves run on two read-only connections at once.
+Machine-readable copies of the numbers are in `data-*` attributes (see docs/report.md).
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from html import escape
+from pathlib import Path
+from typing import Any
+
+from metrion_addon import report as R
+
+STACKS = ("model", "account")
+# Okabe-Ito: distinguishable with the common colour-vision deficiencies, and still apart in greyscale print.
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
+OTHER_COLOUR = "#9a9a9a"
+TOP_N = 20
+_MAX_CANDIDATE_GROUPS = 200  # beyond this (ties, mostly $0 rows) one plain scan finds the top requests faster
+
+
+def _num(x: float | None) -> float | None:
+    return None if x is None else round(x, R._MONEY_DIGITS)
+
+
+@dataclass
+class Group:
+    requests: int = 0
+    errors: int = 0
+    unpriced: int = 0
+    cost: float = 0.0
+    daily: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+    def add_totals(self, requests: int, errors: int, unpriced: int, cost: float) -> None:
+        self.requests += requests
+        self.errors += errors
+        self.unpriced += unpriced
+        self.cost += cost
+
+
+@dataclass
+class Page:
+    opts: R.Options
+    stack: str
+    summary: dict[str, Any]
+    days: list[str]
+    series: dict[str, Group]  # stack key (model or account) -> per-day cost
+    accounts: dict[str | None, Group]
+    people: dict[tuple[str | None, str | None], Group]
+    models: dict[str | None, Group]
+    sources: dict[str | None, Group]
+    source_models: dict[str | None, set[str]]
+    top: list[dict[str, Any]]
+    errors: R.Report
+    budgets: R.Report | None
+    generated: datetime
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+
+def _where(opts: R.Options, extra: str) -> tuple[str, list[Any]]:
+    where, params = R.where_sql(opts.filters)
+    return (f"{where} AND {extra}" if where else f" WHERE {extra}"), params
+
+
+_KEYS = "r.account, r.[user], r.model, r.price_source"
+_GROUP_SQL = (
+    f"SELECT {_KEYS}, COUNT(*), COUNT(r.error), COUNT(*) - COUNT(r.cost_usd), TOTAL(r.cost_usd), MAX(r.cost_usd)"
+    " FROM requests r{where} GROUP BY " + _KEYS
+)
+GroupRow = tuple[Any, ...]  # account, user, model, price_source, requests, errors, unpriced, cost, max cost
+Day = tuple[str, str, str, list[GroupRow]]  # label, lo, hi, groups
+
+
+def day_groups(conn: sqlite3.Connection, opts: R.Options, part: int, parts: int) -> list[Day]:
+    """Every `parts`-th day from the `part`-th, with its groups by account, user, model and price source. The
+    day bounds are the terminal report's (`_load_periods`), so the days add up to its totals."""
+    periods = R._load_periods(conn, opts, "day")
+    where, params = _where(opts, "r.ts >= ? AND r.ts < ?")
+    sql = _GROUP_SQL.format(where=where)
+    return [(day, lo, hi, conn.execute(sql, [*params, lo, hi]).fetchall()) for day, lo, hi in periods[part::parts]]
+
+
+def roll_up(days: list[Day], stack: str) -> dict[str, Any]:
+    """The day groups summed per account, (account, user), model, price source and stacked series; flat dicts
+    in the loop (tens of thousands of groups), Group objects after."""
+    people: dict[tuple[Any, Any], list[Any]] = {}
+    kinds: dict[tuple[Any, Any], list[Any]] = {}
+    people_daily: dict[tuple[Any, Any, str], float] = defaultdict(float)
+    series_daily: dict[tuple[str, str], float] = defaultdict(float)
+    maxima: list[tuple[float, str, str, tuple[Any, ...]]] = []
+    for day, lo, hi, rows in days:
+        for account, user, model, source, n, errors, unpriced, cost, top in rows:
+            for key, acc in (((account, user), people), ((model, source), kinds)):
+                t = acc.get(key)
+                if t is None:
+                    acc[key] = [n, errors, unpriced, cost]
+                else:
+                    t[0] += n
+                    t[1] += errors
+                    t[2] += unpriced
+                    t[3] += cost
+            people_daily[(account, user, day)] += cost
+            series_daily[(str(model if stack == "model" else account), day)] += cost
+            if top is not None:
+                maxima.append((top, lo, hi, (account, user, model, source)))
+    out: dict[str, Any] = {k: defaultdict(Group) for k in ("accounts", "people", "models", "sources", "series")}
+    for (account, user), t in people.items():
+        out["people"][(account, user)].add_totals(*t)
+        out["accounts"][account].add_totals(*t)
+    for (account, user, day), cost in people_daily.items():
+        out["people"][(account, user)].daily[day] += cost
+        out["accounts"][account].daily[day] += cost
+    out["source_models"] = defaultdict(set)
+    for (model, source), t in kinds.items():
+        out["models"][model].add_totals(*t)
+        out["sources"][source].add_totals(*t)
+        out["source_models"][source].add(str(model))
+    for (key, day), cost in series_daily.items():
+        out["series"][key].add_totals(0, 0, 0, cost)
+        out["series"][key].daily[day] += cost
+    out["days"] = [day for _, day in sorted((lo, day) for day, lo, _, _ in days)]
+    out["maxima"] = maxima
+    return out
+
+
+def top_requests(
+    conn: sqlite3.Connection, opts: R.Options, maxima: list[tuple[float, str, str, tuple[Any, ...]]]
+) -> list[dict[str, Any]]:
+    """The TOP_N most expensive priced requests, ordered as `metrion-report top` orders them (cost desc, id).
+
+    At least TOP_N rows cost >= T, the TOP_N-th largest group maximum, so every top row is in a group whose
+    maximum is >= T: only those groups (one day, one account/user/model/source each) are read again."""
+    cols = ", ".join(f"r.[{c}]" for c in R.TOP_FIELDS)
+    maxima.sort(key=lambda m: m[0], reverse=True)
+    threshold = maxima[min(TOP_N, len(maxima)) - 1][0] if maxima else None
+    candidates = [m for m in maxima if threshold is not None and m[0] >= threshold]
+    rows: list[tuple[Any, ...]] = []
+    if len(candidates) > _MAX_CANDIDATE_GROUPS:
+        where, params = _where(opts, "r.cost_usd IS NOT NULL")
+        rows = conn.execute(
+            f"SELECT {cols} FROM requests r{where} ORDER BY r.cost_usd DESC, r.id LIMIT ?", [*params, TOP_N]
+        ).fetchall()
+    else:
+        cond = "r.ts >= ? AND r.ts < ? AND r.account IS ? AND r.[user] IS ? AND r.model IS ? AND r.price_source IS ?"
+        where, params = _where(opts, cond + " AND r.cost_usd >= ?")
+        sql = f"SELECT {cols} FROM requests r{where} ORDER BY r.cost_usd DESC, r.id LIMIT ?"
+        for _, lo, hi, keys in candidates:
+            rows += conn.execute(sql, [*params, lo, hi, *keys, threshold, TOP_N]).fetchall()
+        cost, rid = R.TOP_FIELDS.index("cost_usd"), R.TOP_FIELDS.index("id")
+        rows = sorted(rows, key=lambda r: (-r[cost], r[rid]))[:TOP_N]
+    return [R._money(dict(zip(R.TOP_FIELDS, r, strict=True))) for r in rows]
+
+
+def _with_conn(path: Path, work: Callable[[sqlite3.Connection], Any]) -> Any:
+    conn = R.open_db(path)
+    try:
+        return work(conn)
+    finally:
+        conn.close()
+
+
+def collect(path: Path, opts: R.Options, stack: str, now: datetime | None = None) -> Page:
+    """All the page's numbers. Three read-only connections work at once (SQLite releases the GIL): the terminal
+    views on one, the day groups (odd and even days) on two; then the roll-up and the top requests."""
+    opts = replace(opts, period="day", limit=None)
+    with_budgets = opts.budgets is not None and opts.budgets.any
+
+    def views(conn: sqlite3.Connection) -> tuple[R.Report, R.Report, R.Report | None]:
+        summary = R.view_summary(conn, opts)
+        errors = R.view_errors(conn, opts)
+        return summary, errors, R.view_budgets(conn, opts) if with_budgets else None
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        first = pool.submit(_with_conn, path, views)
+        halves = [pool.submit(_with_conn, path, lambda c, i=i: day_groups(c, opts, i, 2)) for i in range(2)]
+        days = [d for h in halves for d in h.result()]
+        summary, errors, budgets = first.result()
+    parts = roll_up(days, stack)
+    top = _with_conn(path, lambda c: top_requests(c, opts, parts.pop("maxima")))
+    return Page(opts, stack, summary.rows[0], top=top, errors=errors, budgets=budgets,
+                generated=now or datetime.now(), **parts)  # fmt: skip
+
+
+# --- drawing -------------------------------------------------------------------------------------
+
+
+def esc(value: Any) -> str:
+    """Any value as HTML text or a quoted attribute value."""
+    return escape("" if value is None else str(value), quote=True)
+
+
+def label(value: Any, none: str = "(none)") -> str:
+    return esc(value) if value is not None else f'<span class="muted">{none}</span>'
+
+
+def data_attrs(**values: Any) -> str:
+    return "".join(f' data-{k.replace("_", "-")}="{esc(repr(v) if isinstance(v, float) else v)}"'
+                   for k, v in values.items())  # fmt: skip
+
+
+def _nice_top(x: float) -> float:
+    """A round axis maximum >= x: 1, 2, 2.5 or 5 times a power of ten."""
+    if x <= 0:
+        return 1.0
+    step = 10.0 ** math.floor(math.log10(x))
+    return next(m * step for m in (1, 2, 2.5, 5, 10) if m * step >= x * (1 - 1e-12))
+
+
+def axis_money(x: float) -> str:
+    if x == 0:
+        return "$0"
+    return f"${x:,.0f}" if x >= 10 else f"${x:,.2f}" if x >= 0.1 else f"${x:.4f}"
+
+
+Bucket = tuple[str, list[str], str]  # (legend label, the series it sums, colour)
+
+
+def buckets(page: Page) -> list[Bucket]:
+    """The series, most expensive first; past the palette's size the rest share one grey 'other' bucket."""
+    names = sorted(page.series, key=lambda k: (-page.series[k].cost, -page.series[k].requests, k))
+    if len(names) > len(PALETTE):
+        keep, rest = names[: len(PALETTE) - 1], names[len(PALETTE) - 1 :]
+        return [(n, [n], c) for n, c in zip(keep, PALETTE, strict=False)] + [
+            (f"{len(rest)} other {page.stack}s", rest, OTHER_COLOUR)
+        ]
+    return [(n, [n], c) for n, c in zip(names, PALETTE, strict=False)]
+
+
+def stacked_chart(page: Page, groups: list[Bucket]) -> str:
+    days, n = page.days, max(1, len(page.days))
+    width, height, left, bottom, top = 1000, 320, 64, 28, 10
+    plot_h = height - bottom - top
+    totals = [sum(g.daily.get(d, 0.0) for g in page.series.values()) for d in days]
+    y_max = _nice_top(max(totals, default=0.0))
+    slot = (width - left - 8) / n
+    bar_w = max(1.0, slot * 0.78)
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-labelledby="chart-title">',
+           f'<title id="chart-title">Cost per day by {page.stack}</title>']  # fmt: skip
+    for i in range(5):
+        y = top + plot_h - plot_h * i / 4
+        out.append(f'<line class="grid" x1="{left}" x2="{width - 8}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                   f'<text class="axis" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">'
+                   f"{esc(axis_money(y_max * i / 4))}</text>")  # fmt: skip
+    every = max(1, -(-n // 12))
+    for i, (day, total) in enumerate(zip(days, totals, strict=True)):
+        x = left + i * slot + (slot - bar_w) / 2
+        y = top + plot_h
+        out.append(f'<g class="day"{data_attrs(day=day, cost=_num(total))}><title>{esc(day)}: '
+                   f"{esc(R.fmt_usd(total))}</title>")  # fmt: skip
+        for name, members, colour in groups:
+            cost = sum(page.series[m].daily.get(day, 0.0) for m in members)
+            if cost <= 0:
+                continue
+            h = plot_h * cost / y_max
+            y -= h
+            out.append(f'<rect x="{x:.2f}" y="{y:.2f}" width="{bar_w:.2f}" height="{h:.2f}" fill="{colour}"'
+                       f"{data_attrs(series=name, cost=_num(cost))}>"
+                       f"<title>{esc(day)} · {esc(name)}: {esc(R.fmt_usd(cost))}</title></rect>")  # fmt: skip
+        out.append("</g>")
+        if i % every == 0:
+            out.append(f'<text class="axis" x="{x + bar_w / 2:.1f}" y="{height - 8}" text-anchor="middle">'
+                       f"{esc(day[5:] if len(day) == 10 else day)}</text>")  # fmt: skip
+    out.append("</svg>")
+    return "".join(out)
+
+
+def sparkline(daily: dict[str, float], days: list[str]) -> str:
+    values = [daily.get(d, 0.0) for d in days]
+    top = max(values, default=0.0) or 1.0
+    n = max(1, len(values) - 1)
+    points = " ".join(f"{i * 100 / n:.1f},{22 - 20 * v / top:.1f}" for i, v in enumerate(values))
+    return (f'<svg class="spark" viewBox="0 0 100 24" preserveAspectRatio="none" aria-hidden="true">'
+            f'<polygon points="0,24 {points} 100,24" class="spark-area"/>'
+            f'<polyline points="{points}" class="spark-line"/></svg>')  # fmt: skip
+
+
+def share_bar(part: float, whole: float, colour: str = "#0072B2") -> str:
+    pct = 100 * part / whole if whole > 0 else 0.0
+    return (f'<span class="bar"><span style="width:{min(100.0, pct):.1f}%;background:{colour}"></span></span>'
+            f' {esc(R.fmt_pct(pct / 100))}')  # fmt: skip
+
+
+def _cost(cost: float, unpriced: int) -> str:
+    mark = ' <abbr class="warn" title="includes unpriced requests: their cost is unknown">+?</abbr>'
+    return esc(R.fmt_usd(cost)) + (mark if unpriced else "")
+
+
+def _ordered(groups: dict[Any, Group]) -> list[tuple[Any, Group]]:
+    return sorted(groups.items(), key=lambda kv: (-kv[1].cost, -kv[1].requests, str(kv[0])))
+
+
+# --- the page ------------------------------------------------------------------------------------
+
+
+def card(key: str, title: str, value: Any, shown: str, sub: str = "") -> str:
+    return (f'<div class="card"><div class="k">{title}</div><div class="v" id="total-{key}"'
+            f"{data_attrs(value=value)}>{shown}</div><div class=\"sub\">{sub}</div></div>")  # fmt: skip
+
+
+def totals_section(page: Page) -> str:
+    s = page.summary
+    errors_share = s["errors"] / s["requests"] if s["requests"] else None
+    unpriced = "cost unknown, not in the total: see <a href=\"#pricing\">Pricing</a>" if s["unpriced_requests"] else ""
+    cards = [
+        card("cost", "Cost", s["cost_usd"], esc(R.fmt_usd(s["cost_usd"])),
+             f"without caching {esc(R.fmt_usd(s['cost_uncached_usd']))}"),
+        card("requests", "Requests", s["requests"], esc(R.fmt_int(s["requests"]))),
+        card("errors", "Errors", s["errors"], esc(R.fmt_int(s["errors"])),
+             f"{esc(R.fmt_pct(errors_share))} of requests" if errors_share is not None else ""),
+        card("unpriced", "Unpriced", s["unpriced_requests"], esc(R.fmt_int(s["unpriced_requests"])), unpriced),
+        card("cache-hit-ratio", "Cache hit ratio", s["cache_hit_ratio"], esc(R.fmt_pct(s["cache_hit_ratio"]) or "n/a"),
+             "of prompt tokens read from the cache"),
+        card("cache-saved", "Saved by caching", s["cache_saved_usd"], esc(R.fmt_usd(s["cache_saved_usd"])),
+             "vs. the same prompts uncached"),
+    ]  # fmt: skip
+    return f'<section class="cards">{"".join(cards)}</section>'
+
+
+def chart_section(page: Page) -> str:
+    if not page.days:
+        return ""
+    groups = buckets(page)
+    legend = "".join(f'<li><span class="swatch" style="background:{c}"></span>{label(n)}'
+                     f" <span class=\"muted\">{esc(R.fmt_usd(sum(page.series[m].cost for m in ms)))}</span></li>"
+                     for n, ms, c in groups)  # fmt: skip
+    return (f'<section><h2>Cost per day by {page.stack}</h2><ul class="legend">{legend}</ul>'
+            f'<div class="chart-box">{stacked_chart(page, groups)}</div></section>')
+
+
+def people_section(page: Page) -> str:
+    total = page.summary["cost_usd"]
+    rows = []
+    for account, a in _ordered(page.accounts):
+        rows.append(_person_row("account", account, None, a, total, page.days))
+        users = [(u, g) for (acc, u), g in _ordered(page.people) if acc == account]
+        rows += [_person_row("user", account, u, g, total, page.days) for u, g in users]
+    head = "<tr><th>account / user</th><th>requests</th><th>errors</th><th>cost</th><th>share</th>" \
+           "<th>daily cost</th></tr>"  # fmt: skip
+    return (f'<section><h2>Who spent it</h2><div class="scroll"><table class="people">{head}{"".join(rows)}'
+            "</table></div></section>")
+
+
+def _person_row(kind: str, account: str | None, user: str | None, g: Group, total: float, days: list[str]) -> str:
+    attrs = {"kind": kind} | ({"account": account} if account is not None else {})
+    attrs |= {"user": user} if kind == "user" and user is not None else {}
+    share = round(g.cost / total, 6) if total else 0.0
+    attrs |= {"requests": g.requests, "errors": g.errors, "unpriced": g.unpriced, "cost": _num(g.cost), "share": share}
+    name = label(account, "(no account)") if kind == "account" else label(user, "(no user label)")
+    return (f'<tr class="{kind}"{data_attrs(**attrs)}><td class="name">{name}</td>'
+            f'<td class="n">{esc(R.fmt_int(g.requests))}</td><td class="n">{esc(R.fmt_int(g.errors))}</td>'
+            f'<td class="n">{_cost(g.cost, g.unpriced)}</td><td class="share">{share_bar(g.cost, total)}</td>'
+            f"<td>{sparkline(g.daily, days)}</td></tr>")
+
+
+def top_section(page: Page) -> str:
+    if not page.top:
+        return ""
+    head = "".join(f"<th>{h}</th>" for h in ("time", "account", "user", "model", "input", "output", "cache write",
+                                            "cache read", "cost", "latency", "status"))  # fmt: skip
+    rows = []
+    for r in page.top:
+        status = esc(r["status"]) + (f" {esc(r['error'])}" if r["error"] else "")
+        tokens = "".join(f'<td class="n">{esc(R.fmt_int(r[k]))}</td>' for k in R.TOKENS)
+        rows.append(f"<tr{data_attrs(id=r['id'], cost=r['cost_usd'])}><td>{esc(R.show_time(r['ts'], page.opts.utc))}"
+                    f"</td><td>{label(r['account'], '')}</td><td>{label(r['user'], '')}</td>"
+                    f"<td>{label(r['model'], '')}</td>{tokens}<td class=\"n\">{esc(R.fmt_usd(r['cost_usd']))}</td>"
+                    f'<td class="n">{esc(R.fmt_ms(r["latency_ms"]))}</td><td>{status}</td></tr>')  # fmt: skip
+    return (f'<section><h2>The {len(page.top)} most expensive requests</h2><div class="scroll"><table>'
+            f"<tr>{head}</tr>{''.join(rows)}</table></div></section>")
+
+
+def errors_section(page: Page) -> str:
+    rep = page.errors
+    if not rep.rows:
+        return '<section><h2>Errors</h2><p class="muted">No failed requests in this period.</p></section>'
+    rows = "".join(f"<tr{data_attrs(error=r['error'], status=r['status'], requests=r['requests'], cost=r['cost_usd'])}>"
+                   f"<td>{label(r['error'])}</td><td>{label(r['status'], '')}</td>"
+                   f'<td class="n">{esc(R.fmt_int(r["requests"]))}</td>'
+                   f'<td class="n">{_cost(r["cost_usd"], r["unpriced_requests"])}</td></tr>'
+                   for r in rep.rows)  # fmt: skip
+    t = rep.total or {}
+    total = (f'<tr class="total"><td>Total</td><td></td><td class="n" id="errors-total-requests">'
+             f"{esc(R.fmt_int(t['requests']))}</td><td class=\"n\" id=\"errors-total-cost\""
+             f"{data_attrs(value=t['cost_usd'])}>{_cost(t['cost_usd'], t['unpriced_requests'])}</td></tr>")  # fmt: skip
+    return (f"<section><h2>Errors</h2><p class=\"muted\">Failed requests by error type, and what they still "
+            f"cost.</p><div class=\"scroll\"><table><tr><th>error</th><th>status</th><th>requests</th><th>cost</th>"
+            f"</tr>{rows}{total}</table></div></section>")
+
+
+def budgets_section(page: Page) -> str:
+    if page.budgets is None:
+        return ('<section><h2>Budgets</h2><p class="muted">No budgets in the config (see <code>budget:</code> and '
+                "<code>user_budget:</code> in config.example.yaml).</p></section>")
+    rows = []
+    for r in page.budgets.rows:
+        colour = "#D55E00" if r["exceeded"] else "#0072B2"
+        state = '<strong class="warn">exceeded</strong>' if r["exceeded"] else ""
+        attrs = data_attrs(account=r["account"], user=r["user"] or "", period=r["period"],
+                           spent=r["spent_usd"], limit=r["limit_usd"])  # fmt: skip
+        rows.append(f"<tr{attrs}><td>{label(r['account'])}</td><td>{label(r['user'], '(whole account)')}</td>"
+                    f"<td>{esc(r['period'])} ({esc(r['enforce'])})</td>"
+                    f'<td class="share">{share_bar(r["spent_usd"], r["limit_usd"], colour)} {state}</td>'
+                    f'<td class="n">{esc(R.fmt_usd(r["spent_usd"]))} of {esc(R.fmt_usd(r["limit_usd"]))}</td>'
+                    f"<td>{esc(r['resets_at'])}</td></tr>")  # fmt: skip
+    tz = esc(page.opts.budgets.timezone if page.opts.budgets else "UTC")
+    return (f'<section><h2>Budgets</h2><p class="muted">Each budget in its current period ({tz} calendar), '
+            "whatever the page's filters.</p><div class=\"scroll\"><table><tr><th>account</th><th>user</th>"
+            f"<th>period</th><th>spent of limit</th><th></th><th>resets</th></tr>{''.join(rows)}</table></div>"
+            "</section>")
+
+
+SOURCE_NOTES = {
+    "unknown": "no known price: unpriced",
+    "no_usage": "no usage reported (an error before any token): $0",
+    "free:count_tokens": "token counting is free",
+    "implausible_usage": "usage too large to be real: left unpriced",
+}
+
+
+def _source_note(source: str | None) -> str:
+    if source is None:
+        return ""
+    if source.startswith("override:"):
+        return "price override in the config"
+    if source.startswith("genai-prices@"):
+        return "genai-prices' bundled price table"
+    return SOURCE_NOTES.get(source, "")
+
+
+def pricing_section(page: Page) -> str:
+    rows = "".join(f"<tr{data_attrs(source=src, requests=g.requests, cost=_num(g.cost))}><td><code>{label(src)}"
+                   f"</code></td><td>{esc(_source_note(src))}</td>"
+                   f"<td>{', '.join(esc(m) for m in sorted(page.source_models[src]))}</td>"
+                   f'<td class="n">{esc(R.fmt_int(g.requests))}</td><td class="n">{_cost(g.cost, g.unpriced)}</td></tr>'
+                   for src, g in _ordered(page.sources))  # fmt: skip
+    out = [f'<section id="pricing"><h2>Pricing</h2><p class="muted">Where each price came from '
+           "(<code>price_source</code>).</p><div class=\"scroll\"><table><tr><th>source</th><th></th><th>models</th>"
+           f"<th>requests</th><th>cost</th></tr>{rows}</table></div>"]  # fmt: skip
+    unpriced = [(m, g) for m, g in _ordered(page.models) if g.unpriced]
+    if unpriced:
+        items = "".join(f"<li{data_attrs(model=m, unpriced=g.unpriced)}><code>{label(m)}</code>: "
+                        f"{esc(R.fmt_int(g.unpriced))} unpriced request{'s' if g.unpriced != 1 else ''}</li>"
+                        for m, g in unpriced)  # fmt: skip
+        first = esc(next((m for m, _ in unpriced if m), "model-id"))
+        out.append(f'<h3 class="warn">Unpriced models</h3><ul>{items}</ul><p>Their cost is unknown, so it is not in '
+                   "the totals. To price them, add an override to the config (USD per million tokens) and reprice "
+                   f"the stored rows:</p><pre>pricing:\n  overrides:\n    - prefix: {first}\n      input: 3.0\n"
+                   "      output: 15.0\n\nmetrion-reprice --config config.yaml --dry-run   # shows the difference\n"
+                   "metrion-reprice --config config.yaml             # rewrites the stored costs</pre>")
+    return "".join(out) + "</section>"
+
+
+CSS = """
+:root{--fg:#1b1f24;--muted:#5b6470;--line:#d9dde3;--bg:#fff;--soft:#f4f6f8}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,
+ "Helvetica Neue",Arial,sans-serif;-webkit-print-color-adjust:exact;print-color-adjust:exact}
+main{max-width:1200px;margin:0 auto;padding:24px 20px 40px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:0 0 10px}h3{font-size:16px;margin:16px 0 6px}
+section{margin:0 0 30px}.muted{color:var(--muted)}.warn{color:#b34700}
+.scope{color:var(--muted);margin:0 0 20px}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(170px,1fr));gap:12px}
+.card{border:1px solid var(--line);border-radius:8px;padding:12px 14px;background:var(--soft)}
+.card .k{font-size:13px;color:var(--muted);text-transform:uppercase;letter-spacing:.04em}
+.card .v{font-size:26px;font-weight:650;font-variant-numeric:tabular-nums;margin:2px 0}
+.card .sub{font-size:13px;color:var(--muted)}
+.legend{list-style:none;padding:0;margin:0 0 8px;display:flex;flex-wrap:wrap;gap:4px 18px;font-size:14px}
+.swatch{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px;vertical-align:-1px}
+.chart{width:100%;height:auto;display:block}.chart rect{stroke:#fff;stroke-width:.6}
+.grid{stroke:var(--line);stroke-width:1}.axis{font-size:12px;fill:var(--muted)}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:14px;font-variant-numeric:tabular-nums}
+th{text-align:left;font-weight:600;color:var(--muted);border-bottom:2px solid var(--line);padding:6px 8px;
+ white-space:nowrap}
+td{border-bottom:1px solid var(--line);padding:5px 8px;vertical-align:middle}
+td.n{text-align:right;white-space:nowrap}td.share{white-space:nowrap;min-width:150px}
+tr.account td{font-weight:650;background:var(--soft)}tr.user td.name{padding-left:26px}
+tr.total td{font-weight:650;border-top:2px solid var(--line)}
+.bar{display:inline-block;width:90px;height:10px;background:#e6e9ed;border-radius:2px;vertical-align:middle;
+ overflow:hidden}.bar span{display:block;height:100%}
+.spark{width:120px;height:24px;display:block}.spark-line{fill:none;stroke:#0072B2;stroke-width:1.5;
+ vector-effect:non-scaling-stroke}.spark-area{fill:#0072B2;opacity:.15}
+pre{background:var(--soft);border:1px solid var(--line);border-radius:6px;padding:10px 12px;overflow-x:auto}
+code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
+footer{color:var(--muted);font-size:13px;border-top:1px solid var(--line);padding-top:10px}
+@media (max-width:640px){main{padding:14px 10px}h1{font-size:21px}.card .v{font-size:21px}
+ .spark{width:70px}td.share{min-width:0}.bar{width:48px}}
+@media print{body{font-size:10pt}main{max-width:none;padding:0}.scroll{overflow:visible}
+ section,tr,.card{break-inside:avoid}h2{break-after:avoid}a{color:inherit;text-decoration:none}}
+@page{margin:12mm}
+"""
+
+
+def render(page: Page) -> str:
+    s, opts = page.summary, page.opts
+    span = (f"{esc(R.show_time(s['first_ts'], opts.utc))} to {esc(R.show_time(s['last_ts'], opts.utc))}"
+            if s["first_ts"] else "no requests match these filters")  # fmt: skip
+    body = [
+        f'<h1>Claude API costs</h1><p class="scope"><span id="period"{data_attrs(first=s["first_ts"] or "",
+        last=s["last_ts"] or "")}>{span}</span> · {esc(R._scope(opts))}</p>',
+        totals_section(page),
+        chart_section(page),
+        people_section(page) if page.accounts else "",
+        top_section(page),
+        errors_section(page),
+        budgets_section(page),
+        pricing_section(page) if page.sources else "",
+        f"<footer>Made by <code>metrion-report html</code> at {esc(page.generated.strftime('%Y-%m-%d %H:%M'))}. "
+        "Costs are USD as the proxy priced each request; shares are of the priced total. Times are "
+        f"{'UTC' if opts.utc else 'local time'}.</footer>",
+    ]  # fmt: skip
+    return ('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; "
+            "img-src data:\"><title>Claude API costs</title>"
+            f"<style>{CSS}</style></head><body><main>{''.join(body)}</main></body></html>\n")  # fmt: skip
+
+
+def write_report(path: Path, opts: R.Options, stack: str = "model", output: str | None = None) -> Page:
+    """Collect, render and write the page (to stdout when `output` is None or '-')."""
+    import sys
+
+    page = collect(path, opts, stack)
+    text = render(page)
+    if output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        try:
+            Path(output).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise R.ReportError(f"cannot write {output}: {e.strerror or e}", R.EXIT_USAGE) from None
+    return page
+
