@@ -2,202 +2,24 @@
 
 The page has no scripts, fonts or links to fetch: CSS and inline SVG charts only, so it works offline, as an
 e-mail attachment and on paper. Every value read from the database goes through `html.escape` (labels are
-user-controlled). The numbers come from the terminal report's own code: `view_summary`, `view_errors` and
-`view_budgets` as they are; the per-day, per-model/account and per-user figures from one pass over the same
-filtered rows and the same period bounds (`report._load_periods`), one GROUP BY per day: a sort of each day's
-rows is much cheaper than one sort of them all. The top requests are found from each group's MAX(cost), so only
-the few groups that can hold them are read again. The two halves run on two read-only connections at once.
-Machine-readable copies of the numbers are in `data-*` attributes (see docs/report.md).
+user-controlled), in text and in attributes alike. The numbers come from report_html_data.py; machine-readable
+copies of them are in `data-*` attributes and ids (see docs/report.md).
 """
 
 from __future__ import annotations
 
 import math
-import sqlite3
-from collections import defaultdict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
-from datetime import datetime
+import sys
 from html import escape
 from pathlib import Path
 from typing import Any
 
 from metrion_addon import report as R
+from metrion_addon.report_html_data import Group, Page, _num, collect
 
-STACKS = ("model", "account")
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies, and still apart in greyscale print.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
 OTHER_COLOUR = "#9a9a9a"
-TOP_N = 20
-_MAX_CANDIDATE_GROUPS = 200  # beyond this (ties, mostly $0 rows) one plain scan finds the top requests faster
-
-
-def _num(x: float | None) -> float | None:
-    return None if x is None else round(x, R._MONEY_DIGITS)
-
-
-@dataclass
-class Group:
-    requests: int = 0
-    errors: int = 0
-    unpriced: int = 0
-    cost: float = 0.0
-    daily: dict[str, float] = field(default_factory=lambda: defaultdict(float))
-
-    def add_totals(self, requests: int, errors: int, unpriced: int, cost: float) -> None:
-        self.requests += requests
-        self.errors += errors
-        self.unpriced += unpriced
-        self.cost += cost
-
-
-@dataclass
-class Page:
-    opts: R.Options
-    stack: str
-    summary: dict[str, Any]
-    days: list[str]
-    series: dict[str, Group]  # stack key (model or account) -> per-day cost
-    accounts: dict[str | None, Group]
-    people: dict[tuple[str | None, str | None], Group]
-    models: dict[str | None, Group]
-    sources: dict[str | None, Group]
-    source_models: dict[str | None, set[str]]
-    top: list[dict[str, Any]]
-    errors: R.Report
-    budgets: R.Report | None
-    generated: datetime
-
-
-# --- numbers -------------------------------------------------------------------------------------
-
-
-def _where(opts: R.Options, extra: str) -> tuple[str, list[Any]]:
-    where, params = R.where_sql(opts.filters)
-    return (f"{where} AND {extra}" if where else f" WHERE {extra}"), params
-
-
-_KEYS = "r.account, r.[user], r.model, r.price_source"
-_GROUP_SQL = (
-    f"SELECT {_KEYS}, COUNT(*), COUNT(r.error), COUNT(*) - COUNT(r.cost_usd), TOTAL(r.cost_usd), MAX(r.cost_usd)"
-    " FROM requests r{where} GROUP BY " + _KEYS
-)
-GroupRow = tuple[Any, ...]  # account, user, model, price_source, requests, errors, unpriced, cost, max cost
-Day = tuple[str, str, str, list[GroupRow]]  # label, lo, hi, groups
-
-
-def day_groups(conn: sqlite3.Connection, opts: R.Options, part: int, parts: int) -> list[Day]:
-    """Every `parts`-th day from the `part`-th, with its groups by account, user, model and price source. The
-    day bounds are the terminal report's (`_load_periods`), so the days add up to its totals."""
-    periods = R._load_periods(conn, opts, "day")
-    where, params = _where(opts, "r.ts >= ? AND r.ts < ?")
-    sql = _GROUP_SQL.format(where=where)
-    return [(day, lo, hi, conn.execute(sql, [*params, lo, hi]).fetchall()) for day, lo, hi in periods[part::parts]]
-
-
-def roll_up(days: list[Day], stack: str) -> dict[str, Any]:
-    """The day groups summed per account, (account, user), model, price source and stacked series; flat dicts
-    in the loop (tens of thousands of groups), Group objects after."""
-    people: dict[tuple[Any, Any], list[Any]] = {}
-    kinds: dict[tuple[Any, Any], list[Any]] = {}
-    people_daily: dict[tuple[Any, Any, str], float] = defaultdict(float)
-    series_daily: dict[tuple[str, str], float] = defaultdict(float)
-    maxima: list[tuple[float, str, str, tuple[Any, ...]]] = []
-    for day, lo, hi, rows in days:
-        for account, user, model, source, n, errors, unpriced, cost, top in rows:
-            for key, acc in (((account, user), people), ((model, source), kinds)):
-                t = acc.get(key)
-                if t is None:
-                    acc[key] = [n, errors, unpriced, cost]
-                else:
-                    t[0] += n
-                    t[1] += errors
-                    t[2] += unpriced
-                    t[3] += cost
-            people_daily[(account, user, day)] += cost
-            series_daily[(str(model if stack == "model" else account), day)] += cost
-            if top is not None:
-                maxima.append((top, lo, hi, (account, user, model, source)))
-    out: dict[str, Any] = {k: defaultdict(Group) for k in ("accounts", "people", "models", "sources", "series")}
-    for (account, user), t in people.items():
-        out["people"][(account, user)].add_totals(*t)
-        out["accounts"][account].add_totals(*t)
-    for (account, user, day), cost in people_daily.items():
-        out["people"][(account, user)].daily[day] += cost
-        out["accounts"][account].daily[day] += cost
-    out["source_models"] = defaultdict(set)
-    for (model, source), t in kinds.items():
-        out["models"][model].add_totals(*t)
-        out["sources"][source].add_totals(*t)
-        out["source_models"][source].add(str(model))
-    for (key, day), cost in series_daily.items():
-        out["series"][key].add_totals(0, 0, 0, cost)
-        out["series"][key].daily[day] += cost
-    out["days"] = [day for _, day in sorted((lo, day) for day, lo, _, _ in days)]
-    out["maxima"] = maxima
-    return out
-
-
-def top_requests(
-    conn: sqlite3.Connection, opts: R.Options, maxima: list[tuple[float, str, str, tuple[Any, ...]]]
-) -> list[dict[str, Any]]:
-    """The TOP_N most expensive priced requests, ordered as `metrion-report top` orders them (cost desc, id).
-
-    At least TOP_N rows cost >= T, the TOP_N-th largest group maximum, so every top row is in a group whose
-    maximum is >= T: only those groups (one day, one account/user/model/source each) are read again."""
-    cols = ", ".join(f"r.[{c}]" for c in R.TOP_FIELDS)
-    maxima.sort(key=lambda m: m[0], reverse=True)
-    threshold = maxima[min(TOP_N, len(maxima)) - 1][0] if maxima else None
-    candidates = [m for m in maxima if threshold is not None and m[0] >= threshold]
-    rows: list[tuple[Any, ...]] = []
-    if len(candidates) > _MAX_CANDIDATE_GROUPS:
-        where, params = _where(opts, "r.cost_usd IS NOT NULL")
-        rows = conn.execute(
-            f"SELECT {cols} FROM requests r{where} ORDER BY r.cost_usd DESC, r.id LIMIT ?", [*params, TOP_N]
-        ).fetchall()
-    else:
-        cond = "r.ts >= ? AND r.ts < ? AND r.account IS ? AND r.[user] IS ? AND r.model IS ? AND r.price_source IS ?"
-        where, params = _where(opts, cond + " AND r.cost_usd >= ?")
-        sql = f"SELECT {cols} FROM requests r{where} ORDER BY r.cost_usd DESC, r.id LIMIT ?"
-        for _, lo, hi, keys in candidates:
-            rows += conn.execute(sql, [*params, lo, hi, *keys, threshold, TOP_N]).fetchall()
-        cost, rid = R.TOP_FIELDS.index("cost_usd"), R.TOP_FIELDS.index("id")
-        rows = sorted(rows, key=lambda r: (-r[cost], r[rid]))[:TOP_N]
-    return [R._money(dict(zip(R.TOP_FIELDS, r, strict=True))) for r in rows]
-
-
-def _with_conn(path: Path, work: Callable[[sqlite3.Connection], Any]) -> Any:
-    conn = R.open_db(path)
-    try:
-        return work(conn)
-    finally:
-        conn.close()
-
-
-def collect(path: Path, opts: R.Options, stack: str, now: datetime | None = None) -> Page:
-    """All the page's numbers. Three read-only connections work at once (SQLite releases the GIL): the terminal
-    views on one, the day groups (odd and even days) on two; then the roll-up and the top requests."""
-    opts = replace(opts, period="day", limit=None)
-    with_budgets = opts.budgets is not None and opts.budgets.any
-
-    def views(conn: sqlite3.Connection) -> tuple[R.Report, R.Report, R.Report | None]:
-        summary = R.view_summary(conn, opts)
-        errors = R.view_errors(conn, opts)
-        return summary, errors, R.view_budgets(conn, opts) if with_budgets else None
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        first = pool.submit(_with_conn, path, views)
-        halves = [pool.submit(_with_conn, path, lambda c, i=i: day_groups(c, opts, i, 2)) for i in range(2)]
-        days = [d for h in halves for d in h.result()]
-        summary, errors, budgets = first.result()
-    parts = roll_up(days, stack)
-    top = _with_conn(path, lambda c: top_requests(c, opts, parts.pop("maxima")))
-    return Page(opts, stack, summary.rows[0], top=top, errors=errors, budgets=budgets,
-                generated=now or datetime.now(), **parts)  # fmt: skip
-
-
-# --- drawing -------------------------------------------------------------------------------------
 
 
 def esc(value: Any) -> str:
@@ -270,7 +92,7 @@ def stacked_chart(page: Page, groups: list[Bucket]) -> str:
             h = plot_h * cost / y_max
             y -= h
             out.append(f'<rect x="{x:.2f}" y="{y:.2f}" width="{bar_w:.2f}" height="{h:.2f}" fill="{colour}"'
-                       f"{data_attrs(series=name, cost=_num(cost))}>"
+                       f"{data_attrs(series=name, day=day, cost=_num(cost))}>"
                        f"<title>{esc(day)} · {esc(name)}: {esc(R.fmt_usd(cost))}</title></rect>")  # fmt: skip
         out.append("</g>")
         if i % every == 0:
@@ -316,7 +138,7 @@ def card(key: str, title: str, value: Any, shown: str, sub: str = "") -> str:
 def totals_section(page: Page) -> str:
     s = page.summary
     errors_share = s["errors"] / s["requests"] if s["requests"] else None
-    unpriced = "cost unknown, not in the total: see <a href=\"#pricing\">Pricing</a>" if s["unpriced_requests"] else ""
+    unpriced = 'cost unknown, not in the total: see <a href="#pricing">Pricing</a>' if s["unpriced_requests"] else ""
     cards = [
         card("cost", "Cost", s["cost_usd"], esc(R.fmt_usd(s["cost_usd"])),
              f"without caching {esc(R.fmt_usd(s['cost_uncached_usd']))}"),
@@ -332,15 +154,21 @@ def totals_section(page: Page) -> str:
     return f'<section class="cards">{"".join(cards)}</section>'
 
 
+def _legend_cost(groups: list[Group]) -> str:
+    cost, unpriced = sum(g.cost for g in groups), sum(g.unpriced for g in groups)
+    return "unpriced" if unpriced and not cost else _cost(cost, unpriced)
+
+
 def chart_section(page: Page) -> str:
     if not page.days:
         return ""
     groups = buckets(page)
-    legend = "".join(f'<li><span class="swatch" style="background:{c}"></span>{label(n)}'
-                     f" <span class=\"muted\">{esc(R.fmt_usd(sum(page.series[m].cost for m in ms)))}</span></li>"
-                     for n, ms, c in groups)  # fmt: skip
-    return (f'<section><h2>Cost per day by {page.stack}</h2><ul class="legend">{legend}</ul>'
-            f'<div class="chart-box">{stacked_chart(page, groups)}</div></section>')
+    legend = "".join(f'<li><span class="swatch" style="background:{c}"></span>{label(n)} <span class="muted">'
+                     f"{_legend_cost([page.series[m] for m in ms])}</span></li>" for n, ms, c in groups)  # fmt: skip
+    return (
+        f'<section><h2>Cost per day by {page.stack}</h2><ul class="legend">{legend}</ul>'
+        f'<div class="chart-box">{stacked_chart(page, groups)}</div></section>'
+    )
 
 
 def people_section(page: Page) -> str:
@@ -352,8 +180,10 @@ def people_section(page: Page) -> str:
         rows += [_person_row("user", account, u, g, total, page.days) for u, g in users]
     head = "<tr><th>account / user</th><th>requests</th><th>errors</th><th>cost</th><th>share</th>" \
            "<th>daily cost</th></tr>"  # fmt: skip
-    return (f'<section><h2>Who spent it</h2><div class="scroll"><table class="people">{head}{"".join(rows)}'
-            "</table></div></section>")
+    return (
+        f'<section><h2>Who spent it</h2><div class="scroll"><table class="people">{head}{"".join(rows)}'
+        "</table></div></section>"
+    )
 
 
 def _person_row(kind: str, account: str | None, user: str | None, g: Group, total: float, days: list[str]) -> str:
@@ -362,10 +192,12 @@ def _person_row(kind: str, account: str | None, user: str | None, g: Group, tota
     share = round(g.cost / total, 6) if total else 0.0
     attrs |= {"requests": g.requests, "errors": g.errors, "unpriced": g.unpriced, "cost": _num(g.cost), "share": share}
     name = label(account, "(no account)") if kind == "account" else label(user, "(no user label)")
-    return (f'<tr class="{kind}"{data_attrs(**attrs)}><td class="name">{name}</td>'
-            f'<td class="n">{esc(R.fmt_int(g.requests))}</td><td class="n">{esc(R.fmt_int(g.errors))}</td>'
-            f'<td class="n">{_cost(g.cost, g.unpriced)}</td><td class="share">{share_bar(g.cost, total)}</td>'
-            f"<td>{sparkline(g.daily, days)}</td></tr>")
+    return (
+        f'<tr class="{kind}"{data_attrs(**attrs)}><td class="name">{name}</td>'
+        f'<td class="n">{esc(R.fmt_int(g.requests))}</td><td class="n">{esc(R.fmt_int(g.errors))}</td>'
+        f'<td class="n">{_cost(g.cost, g.unpriced)}</td><td class="share">{share_bar(g.cost, total)}</td>'
+        f"<td>{sparkline(g.daily, days)}</td></tr>"
+    )
 
 
 def top_section(page: Page) -> str:
@@ -381,8 +213,10 @@ def top_section(page: Page) -> str:
                     f"</td><td>{label(r['account'], '')}</td><td>{label(r['user'], '')}</td>"
                     f"<td>{label(r['model'], '')}</td>{tokens}<td class=\"n\">{esc(R.fmt_usd(r['cost_usd']))}</td>"
                     f'<td class="n">{esc(R.fmt_ms(r["latency_ms"]))}</td><td>{status}</td></tr>')  # fmt: skip
-    return (f'<section><h2>The {len(page.top)} most expensive requests</h2><div class="scroll"><table>'
-            f"<tr>{head}</tr>{''.join(rows)}</table></div></section>")
+    return (
+        f'<section><h2>The {len(page.top)} most expensive requests</h2><div class="scroll"><table>'
+        f"<tr>{head}</tr>{''.join(rows)}</table></div></section>"
+    )
 
 
 def errors_section(page: Page) -> str:
@@ -398,15 +232,19 @@ def errors_section(page: Page) -> str:
     total = (f'<tr class="total"><td>Total</td><td></td><td class="n" id="errors-total-requests">'
              f"{esc(R.fmt_int(t['requests']))}</td><td class=\"n\" id=\"errors-total-cost\""
              f"{data_attrs(value=t['cost_usd'])}>{_cost(t['cost_usd'], t['unpriced_requests'])}</td></tr>")  # fmt: skip
-    return (f"<section><h2>Errors</h2><p class=\"muted\">Failed requests by error type, and what they still "
-            f"cost.</p><div class=\"scroll\"><table><tr><th>error</th><th>status</th><th>requests</th><th>cost</th>"
-            f"</tr>{rows}{total}</table></div></section>")
+    return (
+        f'<section><h2>Errors</h2><p class="muted">Failed requests by error type, and what they still '
+        f'cost.</p><div class="scroll"><table><tr><th>error</th><th>status</th><th>requests</th><th>cost</th>'
+        f"</tr>{rows}{total}</table></div></section>"
+    )
 
 
 def budgets_section(page: Page) -> str:
     if page.budgets is None:
-        return ('<section><h2>Budgets</h2><p class="muted">No budgets in the config (see <code>budget:</code> and '
-                "<code>user_budget:</code> in config.example.yaml).</p></section>")
+        return (
+            '<section><h2>Budgets</h2><p class="muted">No budgets in the config (see <code>budget:</code> and '
+            "<code>user_budget:</code> in config.example.yaml).</p></section>"
+        )
     rows = []
     for r in page.budgets.rows:
         colour = "#D55E00" if r["exceeded"] else "#0072B2"
@@ -417,12 +255,14 @@ def budgets_section(page: Page) -> str:
                     f"<td>{esc(r['period'])} ({esc(r['enforce'])})</td>"
                     f'<td class="share">{share_bar(r["spent_usd"], r["limit_usd"], colour)} {state}</td>'
                     f'<td class="n">{esc(R.fmt_usd(r["spent_usd"]))} of {esc(R.fmt_usd(r["limit_usd"]))}</td>'
-                    f"<td>{esc(r['resets_at'])}</td></tr>")  # fmt: skip
+                    f"<td>{esc(r['resets_at'][:16].replace('T', ' '))}</td></tr>")  # fmt: skip
     tz = esc(page.opts.budgets.timezone if page.opts.budgets else "UTC")
-    return (f'<section><h2>Budgets</h2><p class="muted">Each budget in its current period ({tz} calendar), '
-            "whatever the page's filters.</p><div class=\"scroll\"><table><tr><th>account</th><th>user</th>"
-            f"<th>period</th><th>spent of limit</th><th></th><th>resets</th></tr>{''.join(rows)}</table></div>"
-            "</section>")
+    return (
+        f'<section><h2>Budgets</h2><p class="muted">Each budget in its current period ({tz} calendar), '
+        'whatever the page\'s filters.</p><div class="scroll"><table><tr><th>account</th><th>user</th>'
+        f"<th>period</th><th>spent of limit</th><th></th><th>resets</th></tr>{''.join(rows)}</table></div>"
+        "</section>"
+    )
 
 
 SOURCE_NOTES = {
@@ -458,11 +298,13 @@ def pricing_section(page: Page) -> str:
                         f"{esc(R.fmt_int(g.unpriced))} unpriced request{'s' if g.unpriced != 1 else ''}</li>"
                         for m, g in unpriced)  # fmt: skip
         first = esc(next((m for m, _ in unpriced if m), "model-id"))
-        out.append(f'<h3 class="warn">Unpriced models</h3><ul>{items}</ul><p>Their cost is unknown, so it is not in '
-                   "the totals. To price them, add an override to the config (USD per million tokens) and reprice "
-                   f"the stored rows:</p><pre>pricing:\n  overrides:\n    - prefix: {first}\n      input: 3.0\n"
-                   "      output: 15.0\n\nmetrion-reprice --config config.yaml --dry-run   # shows the difference\n"
-                   "metrion-reprice --config config.yaml             # rewrites the stored costs</pre>")
+        out.append(
+            f'<h3 class="warn">Unpriced models</h3><ul>{items}</ul><p>Their cost is unknown, so it is not in '
+            "the totals. To price them, add an override to the config (USD per million tokens) and reprice "
+            f"the stored rows:</p><pre>pricing:\n  overrides:\n    - prefix: {first}\n      input: 3.0\n"
+            "      output: 15.0\n\nmetrion-reprice --config config.yaml --dry-run   # shows the difference\n"
+            "metrion-reprice --config config.yaml             # rewrites the stored costs</pre>"
+        )
     return "".join(out) + "</section>"
 
 
@@ -534,8 +376,6 @@ def render(page: Page) -> str:
 
 def write_report(path: Path, opts: R.Options, stack: str = "model", output: str | None = None) -> Page:
     """Collect, render and write the page (to stdout when `output` is None or '-')."""
-    import sys
-
     page = collect(path, opts, stack)
     text = render(page)
     if output in (None, "-"):
@@ -546,4 +386,3 @@ def write_report(path: Path, opts: R.Options, stack: str = "model", output: str 
         except OSError as e:
             raise R.ReportError(f"cannot write {output}: {e.strerror or e}", R.EXIT_USAGE) from None
     return page
-
