@@ -36,18 +36,20 @@ def data_attrs(**values: Any) -> str:
                    for k, v in values.items())  # fmt: skip
 
 
-def _nice_top(x: float) -> float:
-    """A round axis maximum >= x: 1, 2, 2.5 or 5 times a power of ten."""
+def axis(x: float) -> tuple[float, int]:
+    """(step, ticks): the y axis goes to step * ticks >= x in at most 5 round steps (1, 2, 2.5 or 5 x 10^k)."""
     if x <= 0:
-        return 1.0
-    step = 10.0 ** math.floor(math.log10(x))
-    return next(m * step for m in (1, 2, 2.5, 5, 10) if m * step >= x * (1 - 1e-12))
+        return 0.25, 4
+    raw = x / 5
+    mag = 10.0 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw * (1 - 1e-12))
+    return step, max(1, math.ceil(x / step * (1 - 1e-12)))
 
 
-def axis_money(x: float) -> str:
-    if x == 0:
-        return "$0"
-    return f"${x:,.0f}" if x >= 10 else f"${x:,.2f}" if x >= 0.1 else f"${x:.4f}"
+def axis_money(x: float, step: float) -> str:
+    """A tick label with as many decimals as the step needs: $0 $1 $2, $0 $2.50 $5.00, $0.0000 $0.0002."""
+    digits = 0 if step == round(step) else 2 if step >= 0.01 else 4 if step >= 0.0001 else 6
+    return f"${x:,.{digits}f}"
 
 
 Bucket = tuple[str, list[str], str]  # (legend label, the series it sums, colour)
@@ -69,16 +71,17 @@ def stacked_chart(page: Page, groups: list[Bucket]) -> str:
     width, height, left, bottom, top = 1000, 320, 64, 28, 10
     plot_h = height - bottom - top
     totals = [sum(g.daily.get(d, 0.0) for g in page.series.values()) for d in days]
-    y_max = _nice_top(max(totals, default=0.0))
+    step, ticks = axis(max(totals, default=0.0))
+    y_max = step * ticks
     slot = (width - left - 8) / n
     bar_w = max(1.0, slot * 0.78)
     out = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-labelledby="chart-title">',
            f'<title id="chart-title">Cost per day by {page.stack}</title>']  # fmt: skip
-    for i in range(5):
-        y = top + plot_h - plot_h * i / 4
+    for i in range(ticks + 1):
+        y = top + plot_h - plot_h * i / ticks
         out.append(f'<line class="grid" x1="{left}" x2="{width - 8}" y1="{y:.1f}" y2="{y:.1f}"/>'
                    f'<text class="axis" x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">'
-                   f"{esc(axis_money(y_max * i / 4))}</text>")  # fmt: skip
+                   f"{esc(axis_money(step * i, step))}</text>")  # fmt: skip
     every = max(1, -(-n // 12))
     for i, (day, total) in enumerate(zip(days, totals, strict=True)):
         x = left + i * slot + (slot - bar_w) / 2
@@ -167,7 +170,7 @@ def chart_section(page: Page) -> str:
                      f"{_legend_cost([page.series[m] for m in ms])}</span></li>" for n, ms, c in groups)  # fmt: skip
     return (
         f'<section><h2>Cost per day by {page.stack}</h2><ul class="legend">{legend}</ul>'
-        f'<div class="chart-box">{stacked_chart(page, groups)}</div></section>'
+        f'<div class="scroll">{stacked_chart(page, groups)}</div></section>'
     )
 
 
@@ -214,7 +217,7 @@ def top_section(page: Page) -> str:
                     f"<td>{label(r['model'], '')}</td>{tokens}<td class=\"n\">{esc(R.fmt_usd(r['cost_usd']))}</td>"
                     f'<td class="n">{esc(R.fmt_ms(r["latency_ms"]))}</td><td>{status}</td></tr>')  # fmt: skip
     return (
-        f'<section><h2>The {len(page.top)} most expensive requests</h2><div class="scroll"><table>'
+        f'<section><h2>The {len(page.top)} most expensive requests</h2><div class="scroll"><table class="wide">'
         f"<tr>{head}</tr>{''.join(rows)}</table></div></section>"
     )
 
@@ -326,7 +329,7 @@ section{margin:0 0 30px}.muted{color:var(--muted)}.warn{color:#b34700}
 .swatch{display:inline-block;width:12px;height:12px;border-radius:2px;margin-right:6px;vertical-align:-1px}
 .chart{width:100%;height:auto;display:block}.chart rect{stroke:#fff;stroke-width:.6}
 .grid{stroke:var(--line);stroke-width:1}.axis{font-size:12px;fill:var(--muted)}
-.scroll{overflow-x:auto}
+.scroll{overflow-x:auto}table.wide td{white-space:nowrap}
 table{border-collapse:collapse;width:100%;font-size:14px;font-variant-numeric:tabular-nums}
 th{text-align:left;font-weight:600;color:var(--muted);border-bottom:2px solid var(--line);padding:6px 8px;
  white-space:nowrap}
@@ -341,9 +344,9 @@ tr.total td{font-weight:650;border-top:2px solid var(--line)}
 pre{background:var(--soft);border:1px solid var(--line);border-radius:6px;padding:10px 12px;overflow-x:auto}
 code,pre{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:13px}
 footer{color:var(--muted);font-size:13px;border-top:1px solid var(--line);padding-top:10px}
-@media (max-width:640px){main{padding:14px 10px}h1{font-size:21px}.card .v{font-size:21px}
+@media (max-width:640px){.chart{min-width:600px}main{padding:14px 10px}h1{font-size:21px}.card .v{font-size:21px}
  .spark{width:70px}td.share{min-width:0}.bar{width:48px}}
-@media print{body{font-size:10pt}main{max-width:none;padding:0}.scroll{overflow:visible}
+@media print{body{font-size:10pt}main{max-width:none;padding:0}.scroll{overflow:visible}.chart{min-width:0}
  section,tr,.card{break-inside:avoid}h2{break-after:avoid}a{color:inherit;text-decoration:none}}
 @page{margin:12mm}
 """

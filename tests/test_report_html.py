@@ -353,9 +353,9 @@ def test_chromium_renders_without_console_errors(tmp_path: Path) -> None:
     page = tmp_path / "costs.html"
     assert report.main(["html", "-c", str(cfg), "--utc", "-o", str(page)]) == 0
     shot = tmp_path / "shot.png"
-    _, err = run_chromium(page, tmp_path, f"--screenshot={shot}", "--window-size=1280,1900")
+    _, err = run_chromium(page, tmp_path, f"--screenshot={shot}", "--window-size=1280,1600")
     assert console_messages(err) == []
-    assert png_size(shot) == (1280, 1900)
+    assert png_size(shot) == (1280, 1600)
     dom, err = run_chromium(page, tmp_path, "--dump-dom")
     assert console_messages(err) == []
     assert 'id="total-cost"' in dom and dom.count("<rect") == page.read_text().count("<rect") > 30
