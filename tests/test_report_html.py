@@ -15,6 +15,7 @@ import shutil
 import signal
 import struct
 import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from metrion_addon import report, store
+from metrion_addon import report, report_html_data, store
 
 MODELS = {  # $ per million tokens: input, output
     "claude-opus-5-5": (5.0, 25.0),
@@ -214,6 +215,28 @@ def test_filters_match_the_json_report(capsys: pytest.CaptureFixture[str], db: P
     check_numbers(capsys, db, *filters)
 
 
+def test_local_time_across_a_dst_change(
+    capsys: pytest.CaptureFixture[str], db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """New York leaves summer time on 2026-11-01: a 25-hour day, and every day boundary at 05:00Z after it."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        page = check_numbers(capsys, db)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert [a["data-day"] for t, a in page.tags if t == "g"][:2] == ["2026-10-31", "2026-11-01"]
+
+
+def test_top_requests_without_the_shortcut(
+    capsys: pytest.CaptureFixture[str], db: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With too many candidate groups (ties) the page falls back to one plain scan: the same 20 rows."""
+    monkeypatch.setattr(report_html_data, "_MAX_CANDIDATE_GROUPS", 0)
+    check_numbers(capsys, db, "--utc")
+
+
 def test_stack_by_account(capsys: pytest.CaptureFixture[str], db: Path) -> None:
     page = Page(render(capsys, db, "--utc", "--stack", "account"))
     by = as_json(capsys, db, "--by", "account,day", "--utc")["rows"]
@@ -241,6 +264,8 @@ def test_writes_a_file_and_refuses_other_formats(capsys: pytest.CaptureFixture[s
         assert report.main([*argv, "--db", str(db)]) == report.EXIT_USAGE
         assert message in capsys.readouterr().err
     assert report.main(["html", "--db", str(tmp_path / "absent.db")]) == report.EXIT_NO_DB
+    store.migrate(tmp_path / "empty.db")
+    assert report.main(["html", "--db", str(tmp_path / "empty.db")]) == report.EXIT_EMPTY
 
 
 def test_self_contained(capsys: pytest.CaptureFixture[str], db: Path) -> None:
