@@ -57,7 +57,8 @@ Bucket = tuple[str, list[str], str]  # (legend label, the series it sums, colour
 
 def buckets(page: Page) -> list[Bucket]:
     """The series, most expensive first; past the palette's size the rest share one grey 'other' bucket."""
-    names = sorted(page.series, key=lambda k: (-page.series[k].cost, -page.series[k].requests, k))
+    shown = [k for k, g in page.series.items() if g.cost or g.unpriced]  # not a $0-only series (errors)
+    names = sorted(shown, key=lambda k: (-page.series[k].cost, -page.series[k].requests, k))
     if len(names) > len(PALETTE):
         keep, rest = names[: len(PALETTE) - 1], names[len(PALETTE) - 1 :]
         return [(n, [n], c) for n, c in zip(keep, PALETTE, strict=False)] + [

@@ -3,7 +3,7 @@
 Totals, errors and budgets come from the terminal report's own views (`view_summary`, `view_errors`,
 `view_budgets`). The per-day, per-account/user, per-model and per-price-source figures come from one pass over
 the same filtered rows with the same day bounds (`report._load_periods`): one GROUP BY per day, because sorting
-each day's rows is much cheaper than one sort of all of them (1M rows: ~1.1 s of CPU instead of ~2.4 s). The
+each day's rows is much cheaper than one sort of all of them (1M rows: ~1.2 s of CPU instead of ~2 s). The
 top requests are re-read only from the groups whose MAX(cost) can hold them. The days are split over two
 read-only connections while a third runs the terminal views; SQLite releases the GIL while it works.
 """
@@ -106,7 +106,8 @@ def roll_up(days: list[Day], stack: str) -> dict[str, Any]:
                     t[2] += unpriced
                     t[3] += cost
             people_daily[(account, user, day)] += cost
-            key = str(model if stack == "model" else account)
+            key = model if stack == "model" else account
+            key = f"(no {stack})" if key is None else key
             series_daily[(key, day)] += cost
             series_unpriced[key] += unpriced
             if top is not None:

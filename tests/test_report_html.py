@@ -397,3 +397,17 @@ def test_chromium_keeps_hostile_labels_as_text(tmp_path: Path) -> None:
     assert not {t for t, _ in parsed.tags} & {"script", "img", "b", "iframe"}
     assert not [a for _, a in parsed.tags if any(k.startswith("on") for k in a)]
     assert HOSTILE["account"] in "".join(parsed.text)
+
+
+def test_more_series_than_colours_share_an_other_bucket() -> None:
+    from types import SimpleNamespace
+
+    from metrion_addon.report_html import OTHER_COLOUR, PALETTE, buckets
+    from metrion_addon.report_html_data import Group
+
+    series = {f"m{i}": Group(requests=1, cost=float(i)) for i in range(10)} | {"free": Group(requests=5)}
+    got = buckets(SimpleNamespace(series=series, stack="model"))  # type: ignore[arg-type]
+    # m0 and "free" cost nothing and price nothing: not drawn, not in the legend
+    assert [name for name, _, _ in got] == ["m9", "m8", "m7", "m6", "m5", "m4", "m3", "2 other models"]
+    assert got[-1][1] == ["m2", "m1"] and got[-1][2] == OTHER_COLOUR
+    assert [c for _, _, c in got[:-1]] == list(PALETTE[:7])
