@@ -348,7 +348,9 @@ footer{color:var(--muted);font-size:13px;border-top:1px solid var(--line);paddin
 @media (max-width:640px){.chart{min-width:600px}main{padding:14px 10px}h1{font-size:21px}.card .v{font-size:21px}
  .spark{width:70px}td.share{min-width:0}.bar{width:48px}}
 @media print{body{font-size:10pt}main{max-width:none;padding:0}.scroll{overflow:visible}.chart{min-width:0}
- section,tr,.card{break-inside:avoid}h2{break-after:avoid}a{color:inherit;text-decoration:none}}
+ table{font-size:8pt}table.wide td{white-space:normal}td,th{padding:3px 5px}.card .v{font-size:18pt}
+ .cards{grid-template-columns:repeat(3,1fr)}tr,.card,svg,pre{break-inside:avoid}h2,h3{break-after:avoid}
+ section{margin-bottom:18px}a{color:inherit;text-decoration:none}}
 @page{margin:12mm}
 """
 
