@@ -911,8 +911,10 @@ def options_from_args(args: argparse.Namespace, now: datetime | None = None) -> 
         raise ReportError(f"--by does not apply to the {args.view} view", EXIT_USAGE)
     if args.limit is not None and args.limit < 1:
         raise ReportError("--limit must be at least 1", EXIT_USAGE)
-    if args.view == "html" and (args.json or args.csv or args.watch):
-        raise ReportError("the html view writes a page: no --json, --csv or --watch", EXIT_USAGE)
+    if args.view == "html" and (args.json or args.csv or args.watch or args.limit or args.period != "day"):
+        raise ReportError(
+            "the html view writes a page of days: no --json, --csv, --watch, --limit or --period", EXIT_USAGE
+        )
     if args.view != "html" and (args.output or args.stack):
         raise ReportError("--output and --stack apply to the html view only", EXIT_USAGE)
     if args.watch and (args.json or args.csv):

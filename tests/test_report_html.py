@@ -258,7 +258,8 @@ def test_writes_a_file_and_refuses_other_formats(capsys: pytest.CaptureFixture[s
     out = tmp_path / "costs.html"
     assert report.main(["html", "--db", str(db), "-o", str(out)]) == 0
     assert capsys.readouterr().out == "" and out.read_text().startswith("<!DOCTYPE html>")
-    for argv, message in ((["html", "--json"], "no --json"), (["--stack", "model"], "html view only"),
+    for argv, message in ((["html", "--json"], "no --json"),
+        (["html", "--period", "week"], "--period"), (["--stack", "model"], "html view only"),
                           (["top", "-o", "x.html"], "html view only"),
                           (["html", "-o", str(tmp_path / "no" / "such" / "dir.html")], "cannot write")):  # fmt: skip
         assert report.main([*argv, "--db", str(db)]) == report.EXIT_USAGE
