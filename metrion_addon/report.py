@@ -1,12 +1,12 @@
 """`metrion-report`: read-only cost reports over the `requests` table, as rich tables, JSON or CSV.
 
 Views: `summary` (default; with a cost chart), `--by DIMS`, `top`, `errors`, `chart`, `budgets`; `html` writes
-them as one page (report_html.py). Every view is a function
-`(connection, Options) -> Report` registered in `VIEWS`; the aggregation happens in SQL. Time periods (hour, day,
-week, month) are not computed per row: the report builds the period boundaries in Python (local time, DST
-included) into a temp table and joins on the `ts` index, which is faster than a per-row `strftime` and exact for
-any time zone. The database is opened with `mode=ro`: the report never writes and never blocks the proxy (WAL).
-See docs/report.md for the fields and exit codes.
+them as one page (report_html.py). Every view is a function `(connection, Options) -> Report` registered in
+`VIEWS`; the aggregation happens in SQL. Time periods (hour, day, week, month) are not computed per row: the
+report builds the period boundaries in Python (local time, DST included) into a temp table and joins on the `ts`
+index, which is faster than a per-row `strftime` and exact for any time zone. The database is opened with
+`mode=ro`: the report never writes and never blocks the proxy (WAL). See docs/report.md for the fields and exit
+codes.
 """
 
 from __future__ import annotations
