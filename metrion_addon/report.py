@@ -1,11 +1,12 @@
 """`metrion-report`: read-only cost reports over the `requests` table, as rich tables, JSON or CSV.
 
-Views: `summary` (default; with a cost chart), `--by DIMS`, `top`, `errors`, `chart`. Every view is a function
-`(connection, Options) -> Report` registered in `VIEWS`; the aggregation happens in SQL. Time periods (hour, day,
-week, month) are not computed per row: the report builds the period boundaries in Python (local time, DST
-included) into a temp table and joins on the `ts` index, which is faster than a per-row `strftime` and exact for
-any time zone. The database is opened with `mode=ro`: the report never writes and never blocks the proxy (WAL).
-See docs/report.md for the fields and exit codes.
+Views: `summary` (default; with a cost chart), `--by DIMS`, `top`, `errors`, `chart`, `budgets`; `html` writes
+them as one page (report_html.py). Every view is a function `(connection, Options) -> Report` registered in
+`VIEWS`; the aggregation happens in SQL. Time periods (hour, day, week, month) are not computed per row: the
+report builds the period boundaries in Python (local time, DST included) into a temp table and joins on the `ts`
+index, which is faster than a per-row `strftime` and exact for any time zone. The database is opened with
+`mode=ro`: the report never writes and never blocks the proxy (WAL). See docs/report.md for the fields and exit
+codes.
 """
 
 from __future__ import annotations
@@ -937,7 +938,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 ok, 1 database error, 2 usage/config error, 3 no/unreadable database, "
         "4 older schema, 5 no requests yet. See docs/report.md.",
     )
-    ap.add_argument("view", nargs="?", default="summary", choices=list(VIEWS), help="what to show (default: summary)")
+    ap.add_argument(
+        "view", nargs="?", default="summary", choices=[*VIEWS, "html"], help="what to show (default: summary)"
+    )
     ap.add_argument(
         "--by",
         action="append",
@@ -962,6 +965,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {SUMMARY_CHART_PERIODS}); the N most expensive groups for --by",
     )
     ap.add_argument("--period", choices=PERIODS, default="day", help="chart period (default: day)")
+    ap.add_argument("-o", "--output", help="html: write the page to this file (default: stdout)")
+    ap.add_argument("--stack", choices=["model", "account"], help="html: split the daily chart by (default: model)")
     ap.add_argument("--watch", action="store_true", help="live view, refreshed from the database")
     ap.add_argument("--interval", type=float, default=2.0, help="--watch refresh interval in seconds (default 2)")
     return ap
@@ -981,6 +986,12 @@ def options_from_args(args: argparse.Namespace, now: datetime | None = None) -> 
         raise ReportError(f"--by does not apply to the {args.view} view", EXIT_USAGE)
     if args.limit is not None and args.limit < 1:
         raise ReportError("--limit must be at least 1", EXIT_USAGE)
+    if args.view == "html" and (args.json or args.csv or args.watch or args.limit or args.period != "day"):
+        raise ReportError(
+            "the html view writes a page of days: no --json, --csv, --watch, --limit or --period", EXIT_USAGE
+        )
+    if args.view != "html" and (args.output or args.stack):
+        raise ReportError("--output and --stack apply to the html view only", EXIT_USAGE)
     if args.watch and (args.json or args.csv):
         raise ReportError("--watch shows a live table; it cannot be combined with --json or --csv", EXIT_USAGE)
     try:
@@ -1027,9 +1038,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = options_from_args(args)
         config = read_config(args.config)
-        if args.view == "budgets":
+        if args.view in ("budgets", "html"):
             opts = replace(opts, budgets=config.budgets if config is not None else None)
         path = resolve_db(args.db, config)
+        if args.view == "html":  # one self-contained page: metrion_addon/report_html.py
+            from metrion_addon.report_html import write_report
+
+            conn = open_db(path)
+            try:
+                check_not_empty(conn, path)
+            finally:
+                conn.close()
+            write_report(path, opts, args.stack or "model", args.output)
+            return EXIT_OK
         console = Console()
         if not console.is_terminal and "COLUMNS" not in os.environ:
             console = Console(width=200)  # piped to a file or pager: no terminal width to fit
