@@ -21,7 +21,7 @@ from typing import Any
 from metrion_addon.config import ConfigError, PriceOverride, load_config
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import iso_ms
-from metrion_addon.report import parse_when
+from metrion_addon.report.when import parse_when
 from metrion_addon.store import connect
 from metrion_addon.usage import usage_from_raw
 
@@ -136,7 +136,7 @@ def reprice(
 def render(diffs: dict[str | None, ModelDiff], dry_run: bool) -> None:
     from rich.console import Console
 
-    from metrion_addon.report import LiteralTable  # models come from requests: shown literally
+    from metrion_addon.report.terminal import LiteralTable  # models come from requests: shown literally
 
     table = LiteralTable(title="metrion-reprice" + (" (dry run: nothing written)" if dry_run else ""))
     for name in ("model", "rows", "changed", "old USD", "new USD", "difference USD"):
