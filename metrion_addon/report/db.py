@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
+from metrion_addon.schema import MONEY_COLUMNS, names
+
 if TYPE_CHECKING:
     from metrion_addon.config import Config
 
@@ -19,11 +21,13 @@ EXIT_OLD_SCHEMA = 4  # database written by an older metrion: start the proxy onc
 EXIT_EMPTY = 5  # no request recorded yet
 
 REQUIRED_COLUMNS = frozenset(  # what this report reads; a database without them is from an older schema
-    ("ts", "account", "user", "model", "status", "error", "client", "session_id", "request_id", "latency_ms")
-    + ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
-    + ("cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens", "web_search_requests")
-    + ("cost_usd", "cost_input_usd", "cost_output_usd", "cost_cache_write_usd", "cost_cache_read_usd")
-    + ("cost_tools_usd", "batch_id", "retry_count")
+    names(
+        *("ts", "account", "user", "model", "status", "error", "client", "session_id", "request_id", "latency_ms"),
+        *("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
+        *("cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens", "web_search_requests"),
+        *MONEY_COLUMNS,
+        *("batch_id", "retry_count"),
+    )
 )
 
 
