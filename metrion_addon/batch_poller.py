@@ -23,7 +23,7 @@ from typing import Any
 
 from metrion_addon.batch_recorder import BatchRecorder
 from metrion_addon.batches import parse_time
-from metrion_addon.record import iso_ms
+from metrion_addon.schema import iso_ms
 from metrion_addon.store import connect
 
 log = logging.getLogger(__name__)

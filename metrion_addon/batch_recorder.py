@@ -31,7 +31,7 @@ from metrion_addon.batches import (
     rewrite_results_url,
 )
 from metrion_addon.pricing import Pricer
-from metrion_addon.record import iso_ms
+from metrion_addon.schema import iso_ms
 from metrion_addon.store import connect
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from metrion_addon.pricing import ZERO, Priced, Pricer
-from metrion_addon.record import MODEL_MAX, iso_ms
+from metrion_addon.record import MODEL_MAX
+from metrion_addon.schema import RequestRow, iso_ms
 from metrion_addon.sse import incremental_decoder
 from metrion_addon.text import clean_text
 from metrion_addon.usage import usage_from_raw
@@ -228,7 +229,7 @@ def with_batch_tier(raw: dict[str, Any]) -> dict[str, Any]:
     return raw if raw.get("service_tier") == "batch" else {**raw, "service_tier": "batch"}
 
 
-def result_row(res: BatchResult, meta: BatchMeta, pricer: Pricer, request_id: str | None) -> dict[str, Any]:
+def result_row(res: BatchResult, meta: BatchMeta, pricer: Pricer, request_id: str | None) -> RequestRow:
     """The row of one batch result."""
     billed = res.kind == "succeeded"
     raw = with_batch_tier(res.raw_usage) if billed and res.raw_usage is not None else None
@@ -242,7 +243,7 @@ def result_row(res: BatchResult, meta: BatchMeta, pricer: Pricer, request_id: st
     else:
         priced = pricer.price(res.model, usage, when)
         error = None if usage.plausible else "usage_unreadable"
-    row: dict[str, Any] = {
+    row: RequestRow = {
         "ts": iso_ms(meta.ts),
         "account": meta.account,
         "user": meta.user,

@@ -19,14 +19,17 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from metrion_addon import periods
 from metrion_addon.labels import LabelError, label_key
+from metrion_addon.schema import iso_ms
 
 log = logging.getLogger(__name__)
 
 PERIODS = ("daily", "monthly")
+_CALENDAR = {"daily": "day", "monthly": "month"}  # budget period -> periods.py period
 ALERT_EVENTS = ("soft", "hard_80", "hard")
 _EPS = 1e-12  # float noise: a reservation that fits to the last bit fits
 RETAIN_DAYS = 3  # past periods kept in memory (a request still in flight settles into the period it started in)
@@ -176,16 +179,8 @@ class Budgets:
     # -- periods -----------------------------------------------------------------------------------
 
     def period(self, period: str, now: float) -> tuple[datetime, datetime]:
-        local = datetime.fromtimestamp(now, self.tz)
-        if period == "daily":
-            start = datetime(local.year, local.month, local.day, tzinfo=self.tz)
-            end = start + timedelta(days=1)  # wall-clock arithmetic: right across DST changes
-            end = datetime(end.year, end.month, end.day, tzinfo=self.tz)
-        else:
-            start = datetime(local.year, local.month, 1, tzinfo=self.tz)
-            y, m = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
-            end = datetime(y, m, 1, tzinfo=self.tz)
-        return start, end
+        """(start, end) of the calendar day or month holding `now`, in the budgets' time zone."""
+        return periods.bounds(datetime.fromtimestamp(now, UTC), _CALENDAR[period], self.tz)
 
     # -- which budgets apply -----------------------------------------------------------------------
 
@@ -363,7 +358,7 @@ class Budgets:
         cost = "COALESCE(cost_usd, budget_usd)" if has_budget_usd else "cost_usd"  # unpriced: its reservation
         for period in PERIODS:
             start, end = self.period(period, now)
-            since, until = (t.astimezone(ZoneInfo("UTC")).strftime("%Y-%m-%dT%H:%M:%S.000Z") for t in (start, end))
+            since, until = iso_ms(start), iso_ms(end)
             rows = conn.execute(
                 f"SELECT account, user, SUM({cost}) FROM requests WHERE ts >= ? AND ts < ? AND account IS NOT NULL "
                 f"AND {cost} IS NOT NULL GROUP BY account, user",

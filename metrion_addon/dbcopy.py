@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from metrion_addon.pgstore import _insert, is_pg_url, pg_migrate, redacted
-from metrion_addon.record import iso_ms
+from metrion_addon.schema import iso_ms
 from metrion_addon.store import _INSERT_SQL, _params, connect, migrate
 
 CHUNK = 5000

@@ -1,9 +1,9 @@
 """PostgreSQL as the store (fleet mode): the same `requests` rows, written off the event loop, never lost.
 
-- **Schema.** The columns are the SQLite store's (`store.COLUMNS`), with PostgreSQL's native types where it has
+- **Schema.** The columns are schema.py's (`schema.COLUMNS`), as in SQLite, with PostgreSQL's native types where it has
   them: `timestamptz` for `ts`, `numeric` for money (exact sums), `boolean` for `stream` and `completed`,
   `uuid` for `row_id`. Versioned migrations are recorded in `_metrion_migrations` as in SQLite; a column that
-  a later SQLite migration adds is added here by `sync_columns` (the type follows from `store.COLUMNS`), so the
+  a later SQLite migration adds is added here by `sync_columns` (the type follows from `schema.COLUMNS`), so the
   two engines cannot drift apart.
 - **Writer.** One thread, as for SQLite: `put()` only queues. A batch is one multi-row `INSERT ... ON CONFLICT
   (row_id) DO NOTHING`: every row carries a UUIDv7 made by the proxy, so a batch written twice counts once.
@@ -31,13 +31,13 @@ from typing import Any
 
 import psycopg
 
-from metrion_addon.store import COLUMNS, connect, migrate, new_row_id
+from metrion_addon.schema import COLUMNS, INSERT_COLUMNS
+from metrion_addon.store import connect, migrate, new_row_id
 
 log = logging.getLogger(__name__)
 
 PG_SCHEMES = ("postgresql://", "postgres://")
 _STOP = object()
-_INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
 _BOOL_COLUMNS = frozenset({"stream", "completed"})
 # Rows per COPY under load: one round trip and one transaction each (under light load, what arrived in the last
 # flush interval). A server-side failure puts the whole batch in the spool, so nothing is lost either way.
@@ -96,7 +96,7 @@ def pg_migrate(conn: psycopg.Connection[Any]) -> None:
 
 
 def sync_columns(conn: psycopg.Connection[Any]) -> None:
-    """Add every column `store.COLUMNS` has and the table lacks (SQLite migrations add columns; so does this)."""
+    """Add every column `schema.COLUMNS` has and the table lacks (SQLite migrations add columns; so does this)."""
     have = {
         r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns WHERE table_name = 'requests'")
     }
@@ -122,13 +122,13 @@ def _value(name: str, v: Any) -> Any:
 def _insert(conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> int:
     """COPY the rows into a temporary table, then one INSERT ... SELECT ... ON CONFLICT (row_id) DO NOTHING
     (COPY alone cannot skip duplicates); returns how many rows were new."""
-    cols = ", ".join(_q(c) for c in _INSERT_COLUMNS)
+    cols = ", ".join(_q(c) for c in INSERT_COLUMNS)
     with conn.transaction():
         conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS _metrion_in AS SELECT {cols} FROM requests WITH NO DATA")
         with conn.cursor() as cur:
             with cur.copy(f"COPY _metrion_in ({cols}) FROM STDIN") as cp:
                 for r in rows:
-                    cp.write_row([_value(c, r.get(c)) for c in _INSERT_COLUMNS])
+                    cp.write_row([_value(c, r.get(c)) for c in INSERT_COLUMNS])
             cur.execute(f"INSERT INTO requests ({cols}) SELECT {cols} FROM _metrion_in ON CONFLICT (row_id) DO NOTHING")
             new = cur.rowcount
             cur.execute("TRUNCATE _metrion_in")

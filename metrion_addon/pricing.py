@@ -19,6 +19,7 @@ from genai_prices import data_snapshot
 from genai_prices.types import ModelInfo, ModelPrice, TieredPrices
 
 from metrion_addon.config import PriceOverride
+from metrion_addon.schema import MONEY_COLUMNS
 from metrion_addon.usage import TokenCounts, Usage
 
 log = logging.getLogger(__name__)
@@ -85,16 +86,14 @@ class Priced:
     source: str
 
     def columns(self) -> dict[str, float | str | None]:
+        """The row's cost columns (schema.COST_COLUMNS): the money columns in their order, then the source."""
         c = self.cost
-        return {
-            "cost_usd": None if c is None else float(c.total),
-            "cost_input_usd": None if c is None else float(c.input),
-            "cost_output_usd": None if c is None else float(c.output),
-            "cost_cache_write_usd": None if c is None else float(c.cache_write),
-            "cost_cache_read_usd": None if c is None else float(c.cache_read),
-            "cost_tools_usd": None if c is None else float(c.tools),
-            "price_source": self.source,
-        }
+        parts = (
+            [None] * 6
+            if c is None
+            else [float(x) for x in (c.total, c.input, c.output, c.cache_write, c.cache_read, c.tools)]
+        )
+        return {**dict(zip(MONEY_COLUMNS, parts, strict=True)), "price_source": self.source}
 
 
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"

@@ -16,7 +16,7 @@ from decimal import Decimal
 from typing import Any
 
 from metrion_addon.admin_api import KINDS, SHORT, ApiKey, Usage
-from metrion_addon.report import EXIT_USAGE
+from metrion_addon.report.db import EXIT_USAGE
 
 EXIT_DRIFT = 1  # a difference beyond the tolerance (also EXIT_ERROR's value: a failed check alerts either way)
 EXIT_ADMIN_API = 6  # the Admin API could not be read (unreachable, refused the key, unexpected answer)

@@ -37,18 +37,11 @@ from metrion_addon.reconcile import (
     meter_usage,
     passthrough_usage,
 )
-from metrion_addon.report import (
-    EXIT_ERROR,
-    EXIT_OK,
-    EXIT_USAGE,
-    ReportError,
-    _table,
-    fmt_int,
-    iso_z,
-    open_db,
-    parse_when,
-    print_unsqueezed,
-)
+from metrion_addon.report.db import EXIT_ERROR, EXIT_OK, EXIT_USAGE, ReportError, open_db
+from metrion_addon.report.fmt import fmt_int
+from metrion_addon.report.terminal import print_unsqueezed, table
+from metrion_addon.report.when import parse_when
+from metrion_addon.schema import iso_ms
 
 PROG = "metrion-reconcile"
 APIS = ("auto", "analytics", "legacy")
@@ -170,7 +163,7 @@ def run(args: argparse.Namespace, env: dict[str, str], now: datetime) -> Result:
         client = AdminClient(config.reconcile.base_url or config.upstream, admin_key)
         keys = match_keys(sorted(managed.items()), client.api_keys())
         api, usage, cost, complete, notes = fetch_provider(client, args.api, since, until, args.list_price)
-        lo, hi = iso_z(since), iso_z(until)
+        lo, hi = iso_ms(since), iso_ms(until)
         meter = meter_usage(conn, lo, hi, sorted(managed))
         passthrough = passthrough_usage(conn, lo, hi, args.account)
     finally:
@@ -240,8 +233,8 @@ def _diff_money(x: Decimal | None) -> str:
 def to_dict(r: Result) -> dict[str, Any]:
     return {
         "api": r.api,
-        "since": iso_z(r.since),
-        "until": iso_z(r.until),
+        "since": iso_ms(r.since),
+        "until": iso_ms(r.until),
         "tolerance": str(r.tol.relative),
         "floor_usd": str(r.tol.floor_usd),
         "ok": r.ok,
@@ -271,7 +264,7 @@ def render(r: Result, console: Console) -> None:
         f"{'s' if days != 1 else ''}) · tolerance {(r.tol.relative * 100).normalize():f}% + ${r.tol.floor_usd}"
     )
     cols = ["day", "key", "accounts", "model", "tier", "tokens billed", "tokens metered", "Δ tokens"]
-    t = _table(title, [*cols, "cost billed", "cost metered", "Δ cost", "cause"], 5)
+    t = table(title, [*cols, "cost billed", "cost metered", "Δ cost", "cause"], 5)
     t.columns[-1].justify = "left"
     t.columns[-1].no_wrap = False
     t.columns[-1].max_width = 56

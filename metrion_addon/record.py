@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from metrion_addon.pricing import COUNT_TOKENS_PATH, Priced, Pricer
+from metrion_addon.schema import RequestRow, iso_ms
 from metrion_addon.text import REDACTED, clean_text, looks_like_credential
 from metrion_addon.usage import JsonTap, ResponseFacts, StreamTap
 
@@ -17,10 +18,6 @@ LABEL_MAX = 200
 MODEL_MAX = 200
 # The endpoints that bill tokens: a 2xx answer from one of them without readable usage is flagged, never $0.
 BILLED_ENDPOINTS = frozenset({("POST", "/v1/messages"), ("POST", "/v1/chat/completions")})
-
-
-def iso_ms(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def upstream_path(path: str, prefix: str) -> str:
@@ -122,7 +119,7 @@ def finish(
     ended_at: float,
     error: str | None = None,
     error_message: str | None = None,
-) -> dict[str, Any]:
+) -> RequestRow:
     """The row for a finished request. `error` is the transport-level failure, if any (client_disconnect...)."""
     f = p.facts
     usage = f.usage
@@ -149,7 +146,7 @@ def finish(
     message = p.local_message or f.error_message or error_message
 
     ttft_at = f.first_byte_at if p.streamed else headers_at
-    row: dict[str, Any] = {
+    row: RequestRow = {
         "ts": iso_ms(p.started),
         "account": p.account,
         "user": p.user,

@@ -20,20 +20,12 @@ from typing import Any
 
 from metrion_addon.config import ConfigError, PriceOverride, load_config
 from metrion_addon.pricing import Pricer
-from metrion_addon.record import iso_ms
-from metrion_addon.report import parse_when
+from metrion_addon.report.when import parse_when
+from metrion_addon.schema import COST_COLUMNS, iso_ms, names
 from metrion_addon.store import connect
 from metrion_addon.usage import usage_from_raw
 
-COST_COLUMNS = (
-    "cost_usd",
-    "cost_input_usd",
-    "cost_output_usd",
-    "cost_cache_write_usd",
-    "cost_cache_read_usd",
-    "cost_tools_usd",
-    "price_source",
-)
+_READ_COLUMNS = (*names("id", "ts", "model", "response_model", "path", "usage_json"), *COST_COLUMNS)
 _UPDATE_SQL = "UPDATE requests SET {} WHERE id = ?".format(", ".join(f"[{c}] = ?" for c in COST_COLUMNS))
 
 
@@ -53,7 +45,7 @@ def bound(value: str, *, end: bool, utc: bool, now: datetime | None = None) -> s
     """A --since/--until value in the `ts` column's format, read exactly as metrion-report reads it: local time
     (UTC with --utc), a date covers its whole day (--until 2026-11-30 includes the 30th), spans like 7d."""
     moment = parse_when(value, end=end, now=now or datetime.now(UTC), utc=utc)
-    return iso_ms(moment.timestamp())
+    return iso_ms(moment)
 
 
 @dataclass
@@ -113,7 +105,7 @@ def reprice(
     if until:
         where.append("ts < ?")
         params.append(until)
-    cols = ", ".join(f"[{c}]" for c in ("id", "ts", "model", "response_model", "path", "usage_json", *COST_COLUMNS))
+    cols = ", ".join(f"[{c}]" for c in _READ_COLUMNS)
     conn = connect(db)
     conn.row_factory = sqlite3.Row
     try:
@@ -136,7 +128,7 @@ def reprice(
 def render(diffs: dict[str | None, ModelDiff], dry_run: bool) -> None:
     from rich.console import Console
 
-    from metrion_addon.report import LiteralTable  # models come from requests: shown literally
+    from metrion_addon.report.terminal import LiteralTable  # models come from requests: shown literally
 
     table = LiteralTable(title="metrion-reprice" + (" (dry run: nothing written)" if dry_run else ""))
     for name in ("model", "rows", "changed", "old USD", "new USD", "difference USD"):

@@ -27,71 +27,21 @@ if TYPE_CHECKING:
     from metrion_addon.config import Config
     from metrion_addon.pgstore import PgStore
 
+from metrion_addon.schema import COLUMNS, INSERT_COLUMNS, names
 from metrion_addon.text import clean_text, valid_utf8
 
 log = logging.getLogger(__name__)
 
-# The `requests` table is a public contract: people query it directly. Add columns; never rename or repurpose.
-# The columns as the first migration created them; later ones are added by later migrations (see MIGRATIONS).
-_V1_COLUMNS: dict[str, type] = {
-    "id": int,
-    "ts": str,  # request start, UTC ISO 8601 with milliseconds and Z
-    "account": str,
-    "user": str,
-    "mode": str,  # managed | passthrough
-    "method": str,
-    "path": str,  # upstream path, without query
-    "model": str,
-    "stream": int,
-    "status": int,  # HTTP status sent to the client
-    "request_id": str,  # upstream request-id header
-    "message_id": str,
-    "input_tokens": int,
-    "output_tokens": int,
-    "cache_creation_input_tokens": int,
-    "cache_read_input_tokens": int,
-    "cache_creation_5m_input_tokens": int,
-    "cache_creation_1h_input_tokens": int,
-    "web_search_requests": int,
-    "web_fetch_requests": int,
-    "service_tier": str,
-    "inference_geo": str,
-    "speed": str,
-    "iterations": int,  # number of usage.iterations entries billed, when present
-    "cost_usd": float,
-    "cost_input_usd": float,
-    "cost_output_usd": float,
-    "cost_cache_write_usd": float,
-    "cost_cache_read_usd": float,
-    "cost_tools_usd": float,
-    "price_source": str,
-    "latency_ms": float,
-    "ttft_ms": float,
-    "completed": int,
-    "error": str,
-    "error_message": str,
-    "stop_reason": str,
-    "client": str,
-    "session_id": str,
-    "usage_json": str,  # the raw usage object as received (for audits and repricing; holds no secrets)
-}
-# Added by _m005_attempts.
-_ATTEMPT_COLUMNS: dict[str, type] = {
-    "retry_count": int,  # the SDK's x-stainless-retry-count: 0 first attempt, N the Nth retry; NULL: not sent
-    "request_key": str,  # the client's idempotency-key (or x-client-request-id): the same on every attempt
-    "counted_tokens": int,  # count_tokens answers: the number counted (never billed, never in input_tokens)
-}
-COLUMNS: dict[str, type] = {
-    **_V1_COLUMNS,
-    "response_model": str,  # the model the response named (what was billed; repricing uses it)
-    "row_id": str,  # a UUIDv7 made by the proxy: the same row written twice (replayed, copied) counts once
-    "batch_id": str,  # a Message Batches result: its batch (see _m004_batches)
-    "custom_id": str,  # ... and the request's custom_id within it
-    "batch_result": str,  # ... and its result type: succeeded | errored | canceled | expired
-    **_ATTEMPT_COLUMNS,
-    "budget_usd": float,  # set only when cost_usd is NULL: what budgets counted (the request's reservation)
-}
-INSERT_COLUMNS = tuple(c for c in COLUMNS if c != "id")
+# The `requests` columns and their types are schema.py's. Migrations are history: each names the columns it
+# added, with their types from the schema, and test_store_unit checks that a migrated table has exactly COLUMNS.
+# Columns are only ever appended, so the first migration's are the schema's up to `usage_json`.
+_V1_COLUMNS = tuple(COLUMNS)[: tuple(COLUMNS).index("usage_json") + 1]
+
+
+def _typed(*columns: str) -> dict[str, type]:
+    return {c: COLUMNS[c] for c in names(*columns)}
+
+
 _INT64 = range(-(2**63), 2**63)
 
 
@@ -158,7 +108,7 @@ def _insert(conn: sqlite3.Connection, params: tuple[Any, ...]) -> bool:
 
 
 def _m001_requests(db: sqlite_utils.Database) -> None:
-    db["requests"].create(_V1_COLUMNS, pk="id", not_null={"ts"})  # type: ignore[union-attr]
+    db["requests"].create(_typed(*_V1_COLUMNS), pk="id", not_null={"ts"})  # type: ignore[union-attr]
     for cols in (["ts"], ["account", "ts"], ["user", "ts"], ["model", "ts"]):
         db["requests"].create_index(cols)  # type: ignore[union-attr]
 
@@ -190,7 +140,7 @@ def _m004_batches(db: sqlite_utils.Database) -> None:
 
 def _m005_attempts(db: sqlite_utils.Database) -> None:
     """Attempts vs calls (the SDK's retry count, the client's request key) and count_tokens' counted number."""
-    for name, kind in _ATTEMPT_COLUMNS.items():
+    for name, kind in _typed("retry_count", "request_key", "counted_tokens").items():
         db["requests"].add_column(name, kind)  # type: ignore[union-attr]
 
 

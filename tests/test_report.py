@@ -17,6 +17,7 @@ import anthropic
 import pytest
 
 from metrion_addon import report, store
+from metrion_addon.report import cli as report_cli
 from tests.conftest import MANAGED_TOKEN, start_proxy, stop_proxy
 from tests.fake_upstream import FakeUpstream, Scenario
 
@@ -678,7 +679,7 @@ def test_watch_renders_then_stops_on_ctrl_c(
     def stop(_: float) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(report.time, "sleep", stop)
+    monkeypatch.setattr(report_cli.time, "sleep", stop)
     code, out, _ = run(capsys, "--watch", "--by", "account", "--db", str(db), "--utc")
     assert code == 0 and "Cost by account" in out and "$0.1459" in out and "Ctrl-C to stop" in out
 

@@ -23,7 +23,8 @@ from typing import Any
 
 import pytest
 
-from metrion_addon import report, report_html_data, store
+from metrion_addon import report, store
+from metrion_addon.report import html_data as report_html_data
 
 MODELS = {  # $ per million tokens: input, output
     "claude-opus-5-5": (5.0, 25.0),
@@ -403,8 +404,8 @@ def test_chromium_keeps_hostile_labels_as_text(tmp_path: Path) -> None:
 def test_more_series_than_colours_share_an_other_bucket() -> None:
     from types import SimpleNamespace
 
-    from metrion_addon.report_html import OTHER_COLOUR, PALETTE, buckets
-    from metrion_addon.report_html_data import Group
+    from metrion_addon.report.html import OTHER_COLOUR, PALETTE, buckets
+    from metrion_addon.report.html_data import Group
 
     series = {f"m{i}": Group(requests=1, cost=float(i)) for i in range(10)} | {"free": Group(requests=5)}
     got = buckets(SimpleNamespace(series=series, stack="model"))  # type: ignore[arg-type]

@@ -2,7 +2,7 @@
 
 The page has no scripts, fonts or links to fetch: CSS and inline SVG charts only, so it works offline, as an
 e-mail attachment and on paper. Every value read from the database goes through `html.escape` (labels are
-user-controlled), in text and in attributes alike. The numbers come from report_html_data.py; machine-readable
+user-controlled), in text and in attributes alike. The numbers come from html_data.py; machine-readable
 copies of them are in `data-*` attributes and ids (see docs/report.md).
 """
 
@@ -14,8 +14,12 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from metrion_addon import report as R
-from metrion_addon.report_html_data import Group, Page, _num, collect
+from metrion_addon.report.db import EXIT_USAGE, ReportError
+from metrion_addon.report.fmt import fmt_int, fmt_ms, fmt_pct, fmt_usd, scope
+from metrion_addon.report.html_data import Group, Page, _num, collect
+from metrion_addon.report.queries import Options
+from metrion_addon.report.views import TOKENS
+from metrion_addon.report.when import show_time
 
 # Okabe-Ito: distinguishable with the common colour-vision deficiencies, and still apart in greyscale print.
 PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000")
@@ -88,7 +92,7 @@ def stacked_chart(page: Page, groups: list[Bucket]) -> str:
         x = left + i * slot + (slot - bar_w) / 2
         y = top + plot_h
         out.append(f'<g class="day"{data_attrs(day=day, cost=_num(total))}><title>{esc(day)}: '
-                   f"{esc(R.fmt_usd(total))}</title>")  # fmt: skip
+                   f"{esc(fmt_usd(total))}</title>")  # fmt: skip
         for name, members, colour in groups:
             cost = sum(page.series[m].daily.get(day, 0.0) for m in members)
             if cost <= 0:
@@ -97,7 +101,7 @@ def stacked_chart(page: Page, groups: list[Bucket]) -> str:
             y -= h
             out.append(f'<rect x="{x:.2f}" y="{y:.2f}" width="{bar_w:.2f}" height="{h:.2f}" fill="{colour}"'
                        f"{data_attrs(series=name, day=day, cost=_num(cost))}>"
-                       f"<title>{esc(day)} · {esc(name)}: {esc(R.fmt_usd(cost))}</title></rect>")  # fmt: skip
+                       f"<title>{esc(day)} · {esc(name)}: {esc(fmt_usd(cost))}</title></rect>")  # fmt: skip
         out.append("</g>")
         if i % every == 0:
             out.append(f'<text class="axis" x="{x + bar_w / 2:.1f}" y="{height - 8}" text-anchor="middle">'
@@ -119,12 +123,12 @@ def sparkline(daily: dict[str, float], days: list[str]) -> str:
 def share_bar(part: float, whole: float, colour: str = "#0072B2") -> str:
     pct = 100 * part / whole if whole > 0 else 0.0
     return (f'<span class="bar"><span style="width:{min(100.0, pct):.1f}%;background:{colour}"></span></span>'
-            f' {esc(R.fmt_pct(pct / 100))}')  # fmt: skip
+            f' {esc(fmt_pct(pct / 100))}')  # fmt: skip
 
 
 def _cost(cost: float, unpriced: int) -> str:
     mark = ' <abbr class="warn" title="includes unpriced requests: their cost is unknown">+?</abbr>'
-    return esc(R.fmt_usd(cost)) + (mark if unpriced else "")
+    return esc(fmt_usd(cost)) + (mark if unpriced else "")
 
 
 def _ordered(groups: dict[Any, Group]) -> list[tuple[Any, Group]]:
@@ -144,15 +148,15 @@ def totals_section(page: Page) -> str:
     errors_share = s["errors"] / s["requests"] if s["requests"] else None
     unpriced = 'cost unknown, not in the total: see <a href="#pricing">Pricing</a>' if s["unpriced_requests"] else ""
     cards = [
-        card("cost", "Cost", s["cost_usd"], esc(R.fmt_usd(s["cost_usd"])),
-             f"without caching {esc(R.fmt_usd(s['cost_uncached_usd']))}"),
-        card("requests", "Requests", s["requests"], esc(R.fmt_int(s["requests"]))),
-        card("errors", "Errors", s["errors"], esc(R.fmt_int(s["errors"])),
-             f"{esc(R.fmt_pct(errors_share))} of requests" if errors_share is not None else ""),
-        card("unpriced", "Unpriced", s["unpriced_requests"], esc(R.fmt_int(s["unpriced_requests"])), unpriced),
-        card("cache-hit-ratio", "Cache hit ratio", s["cache_hit_ratio"], esc(R.fmt_pct(s["cache_hit_ratio"]) or "n/a"),
+        card("cost", "Cost", s["cost_usd"], esc(fmt_usd(s["cost_usd"])),
+             f"without caching {esc(fmt_usd(s['cost_uncached_usd']))}"),
+        card("requests", "Requests", s["requests"], esc(fmt_int(s["requests"]))),
+        card("errors", "Errors", s["errors"], esc(fmt_int(s["errors"])),
+             f"{esc(fmt_pct(errors_share))} of requests" if errors_share is not None else ""),
+        card("unpriced", "Unpriced", s["unpriced_requests"], esc(fmt_int(s["unpriced_requests"])), unpriced),
+        card("cache-hit-ratio", "Cache hit ratio", s["cache_hit_ratio"], esc(fmt_pct(s["cache_hit_ratio"]) or "n/a"),
              "of prompt tokens read from the cache"),
-        card("cache-saved", "Saved by caching", s["cache_saved_usd"], esc(R.fmt_usd(s["cache_saved_usd"])),
+        card("cache-saved", "Saved by caching", s["cache_saved_usd"], esc(fmt_usd(s["cache_saved_usd"])),
              "vs. the same prompts uncached"),
     ]  # fmt: skip
     return f'<section class="cards">{"".join(cards)}</section>'
@@ -198,7 +202,7 @@ def _person_row(kind: str, account: str | None, user: str | None, g: Group, tota
     name = label(account, "(no account)") if kind == "account" else label(user, "(no user label)")
     return (
         f'<tr class="{kind}"{data_attrs(**attrs)}><td class="name">{name}</td>'
-        f'<td class="n">{esc(R.fmt_int(g.requests))}</td><td class="n">{esc(R.fmt_int(g.errors))}</td>'
+        f'<td class="n">{esc(fmt_int(g.requests))}</td><td class="n">{esc(fmt_int(g.errors))}</td>'
         f'<td class="n">{_cost(g.cost, g.unpriced)}</td><td class="share">{share_bar(g.cost, total)}</td>'
         f"<td>{sparkline(g.daily, days)}</td></tr>"
     )
@@ -212,11 +216,11 @@ def top_section(page: Page) -> str:
     rows = []
     for r in page.top:
         status = esc(r["status"]) + (f" {esc(r['error'])}" if r["error"] else "")
-        tokens = "".join(f'<td class="n">{esc(R.fmt_int(r[k]))}</td>' for k in R.TOKENS)
-        rows.append(f"<tr{data_attrs(id=r['id'], cost=r['cost_usd'])}><td>{esc(R.show_time(r['ts'], page.opts.utc))}"
+        tokens = "".join(f'<td class="n">{esc(fmt_int(r[k]))}</td>' for k in TOKENS)
+        rows.append(f"<tr{data_attrs(id=r['id'], cost=r['cost_usd'])}><td>{esc(show_time(r['ts'], page.opts.utc))}"
                     f"</td><td>{label(r['account'], '')}</td><td>{label(r['user'], '')}</td>"
-                    f"<td>{label(r['model'], '')}</td>{tokens}<td class=\"n\">{esc(R.fmt_usd(r['cost_usd']))}</td>"
-                    f'<td class="n">{esc(R.fmt_ms(r["latency_ms"]))}</td><td>{status}</td></tr>')  # fmt: skip
+                    f"<td>{label(r['model'], '')}</td>{tokens}<td class=\"n\">{esc(fmt_usd(r['cost_usd']))}</td>"
+                    f'<td class="n">{esc(fmt_ms(r["latency_ms"]))}</td><td>{status}</td></tr>')  # fmt: skip
     return (
         f'<section><h2>The {len(page.top)} most expensive requests</h2><div class="scroll"><table class="wide">'
         f"<tr>{head}</tr>{''.join(rows)}</table></div></section>"
@@ -229,12 +233,12 @@ def errors_section(page: Page) -> str:
         return '<section><h2>Errors</h2><p class="muted">No failed requests in this period.</p></section>'
     rows = "".join(f"<tr{data_attrs(error=r['error'], status=r['status'], requests=r['requests'], cost=r['cost_usd'])}>"
                    f"<td>{label(r['error'])}</td><td>{label(r['status'], '')}</td>"
-                   f'<td class="n">{esc(R.fmt_int(r["requests"]))}</td>'
+                   f'<td class="n">{esc(fmt_int(r["requests"]))}</td>'
                    f'<td class="n">{_cost(r["cost_usd"], r["unpriced_requests"])}</td></tr>'
                    for r in rep.rows)  # fmt: skip
     t = rep.total or {}
     total = (f'<tr class="total"><td>Total</td><td></td><td class="n" id="errors-total-requests">'
-             f"{esc(R.fmt_int(t['requests']))}</td><td class=\"n\" id=\"errors-total-cost\""
+             f"{esc(fmt_int(t['requests']))}</td><td class=\"n\" id=\"errors-total-cost\""
              f"{data_attrs(value=t['cost_usd'])}>{_cost(t['cost_usd'], t['unpriced_requests'])}</td></tr>")  # fmt: skip
     return (
         f'<section><h2>Errors</h2><p class="muted">Failed requests by error type, and what they still '
@@ -258,7 +262,7 @@ def budgets_section(page: Page) -> str:
         rows.append(f"<tr{attrs}><td>{label(r['account'])}</td><td>{label(r['user'], '(whole account)')}</td>"
                     f"<td>{esc(r['period'])} ({esc(r['enforce'])})</td>"
                     f'<td class="share">{share_bar(r["spent_usd"], r["limit_usd"], colour)} {state}</td>'
-                    f'<td class="n">{esc(R.fmt_usd(r["spent_usd"]))} of {esc(R.fmt_usd(r["limit_usd"]))}</td>'
+                    f'<td class="n">{esc(fmt_usd(r["spent_usd"]))} of {esc(fmt_usd(r["limit_usd"]))}</td>'
                     f"<td>{esc(r['resets_at'][:16].replace('T', ' '))}</td></tr>")  # fmt: skip
     tz = esc(page.opts.budgets.timezone if page.opts.budgets else "UTC")
     return (
@@ -291,7 +295,7 @@ def pricing_section(page: Page) -> str:
     rows = "".join(f"<tr{data_attrs(source=src, requests=g.requests, cost=_num(g.cost))}><td><code>{label(src)}"
                    f"</code></td><td>{esc(_source_note(src))}</td>"
                    f"<td>{', '.join(esc(m) for m in sorted(page.source_models[src]))}</td>"
-                   f'<td class="n">{esc(R.fmt_int(g.requests))}</td><td class="n">{_cost(g.cost, g.unpriced)}</td></tr>'
+                   f'<td class="n">{esc(fmt_int(g.requests))}</td><td class="n">{_cost(g.cost, g.unpriced)}</td></tr>'
                    for src, g in _ordered(page.sources))  # fmt: skip
     out = [f'<section id="pricing"><h2>Pricing</h2><p class="muted">Where each price came from '
            "(<code>price_source</code>).</p><div class=\"scroll\"><table><tr><th>source</th><th></th><th>models</th>"
@@ -299,7 +303,7 @@ def pricing_section(page: Page) -> str:
     unpriced = [(m, g) for m, g in _ordered(page.models) if g.unpriced]
     if unpriced:
         items = "".join(f"<li{data_attrs(model=m, unpriced=g.unpriced)}><code>{label(m)}</code>: "
-                        f"{esc(R.fmt_int(g.unpriced))} unpriced request{'s' if g.unpriced != 1 else ''}</li>"
+                        f"{esc(fmt_int(g.unpriced))} unpriced request{'s' if g.unpriced != 1 else ''}</li>"
                         for m, g in unpriced)  # fmt: skip
         first = esc(next((m for m, _ in unpriced if m), "model-id"))
         out.append(
@@ -357,11 +361,11 @@ footer{color:var(--muted);font-size:13px;border-top:1px solid var(--line);paddin
 
 def render(page: Page) -> str:
     s, opts = page.summary, page.opts
-    span = (f"{esc(R.show_time(s['first_ts'], opts.utc))} to {esc(R.show_time(s['last_ts'], opts.utc))}"
+    span = (f"{esc(show_time(s['first_ts'], opts.utc))} to {esc(show_time(s['last_ts'], opts.utc))}"
             if s["first_ts"] else "no requests match these filters")  # fmt: skip
     body = [
         f'<h1>Claude API costs</h1><p class="scope"><span id="period"{data_attrs(first=s["first_ts"] or "",
-        last=s["last_ts"] or "")}>{span}</span> · {esc(R._scope(opts))}</p>',
+        last=s["last_ts"] or "")}>{span}</span> · {esc(scope(opts))}</p>',
         totals_section(page),
         chart_section(page),
         people_section(page) if page.accounts else "",
@@ -380,7 +384,7 @@ def render(page: Page) -> str:
             f"<style>{CSS}</style></head><body><main>{''.join(body)}</main></body></html>\n")  # fmt: skip
 
 
-def write_report(path: Path, opts: R.Options, stack: str = "model", output: str | None = None) -> Page:
+def write_report(path: Path, opts: Options, stack: str = "model", output: str | None = None) -> Page:
     """Collect, render and write the page (to stdout when `output` is None or '-')."""
     page = collect(path, opts, stack)
     text = render(page)
@@ -390,5 +394,5 @@ def write_report(path: Path, opts: R.Options, stack: str = "model", output: str 
         try:
             Path(output).write_text(text, encoding="utf-8")
         except OSError as e:
-            raise R.ReportError(f"cannot write {output}: {e.strerror or e}", R.EXIT_USAGE) from None
+            raise ReportError(f"cannot write {output}: {e.strerror or e}", EXIT_USAGE) from None
     return page

@@ -1,8 +1,8 @@
-"""The numbers behind `metrion-report html` (rendered by report_html.py): everything the page shows, read-only.
+"""The numbers behind `metrion-report html` (rendered by html.py): everything the page shows, read-only.
 
 Totals, errors and budgets come from the terminal report's own views (`view_summary`, `view_errors`,
 `view_budgets`). The per-day, per-account/user, per-model and per-price-source figures come from one pass over
-the same filtered rows with the same day bounds (`report._load_periods`): one GROUP BY per day, because sorting
+the same filtered rows with the same day bounds (`queries.load_periods`): one GROUP BY per day, because sorting
 each day's rows is much cheaper than one sort of all of them (1M rows: ~1.2 s of CPU instead of ~2 s). The
 top requests are re-read only from the groups whose MAX(cost) can hold them. The days are split over two
 read-only connections while a third runs the terminal views; SQLite releases the GIL while it works.
@@ -19,14 +19,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from metrion_addon import report as R
+from metrion_addon.report.db import open_db
+from metrion_addon.report.queries import MONEY_DIGITS, Options, load_periods, money, where_sql
+from metrion_addon.report.views import TOP_FIELDS, TOP_SQL, Report, view_budgets, view_errors, view_summary
 
 TOP_N = 20
 _MAX_CANDIDATE_GROUPS = 200  # beyond this (ties, mostly $0 rows) one plain scan finds the top requests faster
 
 
 def _num(x: float | None) -> float | None:
-    return None if x is None else round(x, R._MONEY_DIGITS)
+    return None if x is None else round(x, MONEY_DIGITS)
 
 
 @dataclass
@@ -46,7 +48,7 @@ class Group:
 
 @dataclass
 class Page:
-    opts: R.Options
+    opts: Options
     stack: str
     summary: dict[str, Any]
     days: list[str]
@@ -57,14 +59,9 @@ class Page:
     sources: dict[str | None, Group]
     source_models: dict[str | None, set[str]]
     top: list[dict[str, Any]]
-    errors: R.Report
-    budgets: R.Report | None
+    errors: Report
+    budgets: Report | None
     generated: datetime
-
-
-def _where(opts: R.Options, extra: str) -> tuple[str, list[Any]]:
-    where, params = R.where_sql(opts.filters)
-    return (f"{where} AND {extra}" if where else f" WHERE {extra}"), params
 
 
 _KEYS = "r.account, r.[user], r.model, r.price_source"
@@ -76,11 +73,11 @@ GroupRow = tuple[Any, ...]  # account, user, model, price_source, requests, erro
 Day = tuple[str, str, str, list[GroupRow]]  # label, lo, hi, groups
 
 
-def day_groups(conn: sqlite3.Connection, opts: R.Options, part: int, parts: int) -> list[Day]:
+def day_groups(conn: sqlite3.Connection, opts: Options, part: int, parts: int) -> list[Day]:
     """Every `parts`-th day from the `part`-th, with its groups by account, user, model and price source. The
-    day bounds are the terminal report's (`_load_periods`), so the days add up to its totals."""
-    periods = R._load_periods(conn, opts, "day")
-    where, params = _where(opts, "r.ts >= ? AND r.ts < ?")
+    day bounds are the terminal report's (`load_periods`), so the days add up to its totals."""
+    periods = load_periods(conn, opts, "day")
+    where, params = where_sql(opts.filters, "r.ts >= ? AND r.ts < ?")
     sql = _GROUP_SQL.format(where=where)
     return [(day, lo, hi, conn.execute(sql, [*params, lo, hi]).fetchall()) for day, lo, hi in periods[part::parts]]
 
@@ -135,51 +132,48 @@ def roll_up(days: list[Day], stack: str) -> dict[str, Any]:
 
 
 def top_requests(
-    conn: sqlite3.Connection, opts: R.Options, maxima: list[tuple[float, str, str, tuple[Any, ...]]]
+    conn: sqlite3.Connection, opts: Options, maxima: list[tuple[float, str, str, tuple[Any, ...]]]
 ) -> list[dict[str, Any]]:
     """The TOP_N most expensive priced requests, ordered as `metrion-report top` orders them (cost desc, id).
 
     At least TOP_N rows cost >= T, the TOP_N-th largest group maximum, so every top row is in a group whose
     maximum is >= T: only those groups (one day, one account/user/model/source each) are read again."""
-    cols = ", ".join(f"r.[{c}]" for c in R.TOP_FIELDS)
     maxima.sort(key=lambda m: m[0], reverse=True)
     threshold = maxima[min(TOP_N, len(maxima)) - 1][0] if maxima else None
     candidates = [m for m in maxima if threshold is not None and m[0] >= threshold]
     rows: list[tuple[Any, ...]] = []
     if len(candidates) > _MAX_CANDIDATE_GROUPS:
-        where, params = _where(opts, "r.cost_usd IS NOT NULL")
-        rows = conn.execute(
-            f"SELECT {cols} FROM requests r{where} ORDER BY r.cost_usd DESC, r.id LIMIT ?", [*params, TOP_N]
-        ).fetchall()
+        where, params = where_sql(opts.filters, "r.cost_usd IS NOT NULL")
+        rows = conn.execute(TOP_SQL.format(where=where), [*params, TOP_N]).fetchall()
     else:
         cond = "r.ts >= ? AND r.ts < ? AND r.account IS ? AND r.[user] IS ? AND r.model IS ? AND r.price_source IS ?"
-        where, params = _where(opts, cond + " AND r.cost_usd >= ?")
-        sql = f"SELECT {cols} FROM requests r{where} ORDER BY r.cost_usd DESC, r.id LIMIT ?"
+        where, params = where_sql(opts.filters, cond + " AND r.cost_usd >= ?")
+        sql = TOP_SQL.format(where=where)
         for _, lo, hi, keys in candidates:
             rows += conn.execute(sql, [*params, lo, hi, *keys, threshold, TOP_N]).fetchall()
-        cost, rid = R.TOP_FIELDS.index("cost_usd"), R.TOP_FIELDS.index("id")
+        cost, rid = TOP_FIELDS.index("cost_usd"), TOP_FIELDS.index("id")
         rows = sorted(rows, key=lambda r: (-r[cost], r[rid]))[:TOP_N]
-    return [R._money(dict(zip(R.TOP_FIELDS, r, strict=True))) for r in rows]
+    return [money(dict(zip(TOP_FIELDS, r, strict=True))) for r in rows]
 
 
 def _with_conn(path: Path, work: Callable[[sqlite3.Connection], Any]) -> Any:
-    conn = R.open_db(path)
+    conn = open_db(path)
     try:
         return work(conn)
     finally:
         conn.close()
 
 
-def collect(path: Path, opts: R.Options, stack: str, now: datetime | None = None) -> Page:
+def collect(path: Path, opts: Options, stack: str, now: datetime | None = None) -> Page:
     """All the page's numbers. Three read-only connections work at once (SQLite releases the GIL): the terminal
     views on one, the day groups (odd and even days) on two; then the roll-up and the top requests."""
     opts = replace(opts, period="day", limit=None)
     with_budgets = opts.budgets is not None and opts.budgets.any
 
-    def views(conn: sqlite3.Connection) -> tuple[R.Report, R.Report, R.Report | None]:
-        summary = R.view_summary(conn, opts)
-        errors = R.view_errors(conn, opts)
-        return summary, errors, R.view_budgets(conn, opts) if with_budgets else None
+    def views(conn: sqlite3.Connection) -> tuple[Report, Report, Report | None]:
+        summary = view_summary(conn, opts)
+        errors = view_errors(conn, opts)
+        return summary, errors, view_budgets(conn, opts) if with_budgets else None
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         first = pool.submit(_with_conn, path, views)

@@ -1,0 +1,98 @@
+"""The report's database: opened read-only and checked, or a ReportError with a one-line reason and the exit
+code it means (see docs/report.md). The report never writes and never blocks the proxy (WAL)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import quote
+
+from metrion_addon.schema import MONEY_COLUMNS, names
+
+if TYPE_CHECKING:
+    from metrion_addon.config import Config
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # an unexpected database error while querying
+EXIT_USAGE = 2  # bad arguments, dates or config file
+EXIT_NO_DB = 3  # database missing, unreadable, or not a metrion database
+EXIT_OLD_SCHEMA = 4  # database written by an older metrion: start the proxy once to upgrade it
+EXIT_EMPTY = 5  # no request recorded yet
+
+REQUIRED_COLUMNS = frozenset(  # what this report reads; a database without them is from an older schema
+    names(
+        *("ts", "account", "user", "model", "status", "error", "client", "session_id", "request_id", "latency_ms"),
+        *("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"),
+        *("cache_creation_5m_input_tokens", "cache_creation_1h_input_tokens", "web_search_requests"),
+        *MONEY_COLUMNS,
+        *("batch_id", "retry_count"),
+    )
+)
+
+
+class ReportError(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def open_db(path: Path) -> sqlite3.Connection:
+    """Open read-only (never creates, never writes) and check the schema; ReportError with a one-line reason."""
+    if not path.is_file():
+        raise ReportError(
+            f"no database at {path}: start metrion-proxy and send a request first, or pass --db PATH", EXIT_NO_DB
+        )
+    try:
+        conn = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True, timeout=10)
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("PRAGMA mmap_size = 1073741824")
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(requests)")}
+    except sqlite3.DatabaseError as e:
+        raise ReportError(f"cannot read {path} as a SQLite database: {e}", EXIT_NO_DB) from None
+    if "requests" not in tables:
+        if "_metrion_migrations" in tables:
+            raise ReportError(
+                f"{path} has an older metrion schema: start metrion-proxy once to upgrade it", EXIT_OLD_SCHEMA
+            )
+        raise ReportError(f"{path} is not a metrion database (no 'requests' table)", EXIT_NO_DB)
+    missing = sorted(REQUIRED_COLUMNS - columns)
+    if missing:
+        raise ReportError(
+            f"{path} has an older metrion schema (missing {', '.join(missing)}): start metrion-proxy once to "
+            "upgrade it",
+            EXIT_OLD_SCHEMA,
+        )
+    return conn
+
+
+def check_not_empty(conn: sqlite3.Connection, path: Path) -> None:
+    if conn.execute("SELECT 1 FROM requests LIMIT 1").fetchone() is None:
+        raise ReportError(f"no requests recorded yet in {path}: send a request through the proxy first", EXIT_EMPTY)
+
+
+def read_config(config: str | None) -> Config | None:
+    """The config (--config, or ./config.yaml if present), read without needing its ${SECRETS}; None if absent."""
+    if config is None and not Path("config.yaml").is_file():
+        return None
+    from metrion_addon.config import ConfigError, load_config
+
+    try:  # the report needs no secrets: ${VARS} need not be set to read `database`
+        return load_config(config or "config.yaml", resolve_secrets=False)
+    except ConfigError as e:
+        raise ReportError(f"config error: {e}", EXIT_USAGE) from None
+
+
+def resolve_db(db: str | None, config: Config | None) -> Path:
+    """--db, else the config's `database`, else ./metrion.db."""
+    if db and db.startswith(("postgresql://", "postgres://")) or (not db and config and config.database_url):
+        raise ReportError(
+            "the report reads SQLite databases only for now; a PostgreSQL store can be reported on once its "
+            "rows are copied to a SQLite file",
+            EXIT_USAGE,
+        )
+    if db:
+        return Path(db).expanduser()
+    return config.database if config is not None else Path("metrion.db")
