@@ -279,6 +279,39 @@ class Budgets:
             self._after_spend(t.keys)
         return True
 
+    def rekey(self, old: Hashable, new: Hashable) -> float:
+        """Move an open ticket (its periods and reservation) to another key: a batch's create call hands its
+        reservation to the batch, which outlives the call. Returns the amount moved (0: no such ticket)."""
+        t = self._tickets.pop(old, None)
+        if t is None:
+            return 0.0
+        self._tickets[new] = t
+        return t.amount
+
+    def hold(self, ticket: Hashable, account: str, user: str | None, started: float, amount: float) -> None:
+        """Reserve `amount` for a new ticket without a check: what was admitted before a restart."""
+        self.open(ticket, account, user, started)
+        self.set_reserved(ticket, amount)
+
+    def set_reserved(self, ticket: Hashable, amount: float) -> None:
+        """Change an open ticket's reservation to `amount`; at 0 the ticket is closed (its spend is counted
+        separately, with `add`)."""
+        t = self._tickets.get(ticket)
+        if t is None:
+            return
+        amount = max(0.0, amount)
+        delta = amount - t.amount
+        with self.lock:
+            t.amount = amount
+            for key in t.keys:
+                left = self._reserved.get(key, 0.0) + delta
+                if left > _EPS:
+                    self._reserved[key] = left
+                else:
+                    self._reserved.pop(key, None)
+        if amount <= _EPS:
+            del self._tickets[ticket]
+
     def _prune(self, now: float) -> None:
         """Forget periods that ended over RETAIN_DAYS ago (once a day): memory stays bounded as days pass."""
         day = self.period("daily", now)[0]
