@@ -29,8 +29,8 @@ CONFIG = f"""
     tokens: [{TOKEN}]
     anthropic_api_key: fake-upstream-key
     allow_passthrough: false
-    budget: {{daily: 1}}
-    user_budget: {{daily: 100}}
+    budget: {{daily: LIMIT}}
+    user_budget: {{daily: LIMIT}}
 pricing:
   overrides:
     - {{prefix: claude-test, input: 2, output: 10}}
@@ -65,18 +65,18 @@ def started(tmp_path: Path) -> Iterator[list[Proxy]]:
         stop_proxy(p)
 
 
-def run(started: list[Proxy], tmp: Path, fake: FakeUpstream, *args: str) -> Proxy:
+def run(started: list[Proxy], tmp: Path, fake: FakeUpstream, *args: str, limit: float = 1) -> Proxy:
     clock = tmp / "clock"
     clock.write_text(str(NOW))
     # No background polling: the test reads the results itself, when it chooses.
     extra = ("--set", f"metrion_test_clock={clock}", "--set", "metrion_batch_poll_seconds=0", *args)
-    p = start_proxy(tmp, fake.url, CONFIG, extra)
+    p = start_proxy(tmp, fake.url, CONFIG.replace("LIMIT", str(limit)), extra)
     started.append(p)
     return p
 
 
 def remaining(c: httpx.Client) -> float:
-    """What a following request is told is left of the tightest budget (the account's $1 day): a batch list,
+    """What a following request is told is left of the tightest budget (the account's day): a batch list,
     billed by nothing, reserving nothing of its own."""
     r = c.get("/v1/messages/batches", headers=HEADERS)
     assert r.status_code == 200
@@ -157,3 +157,35 @@ def test_an_admitted_batch_reserves_until_its_results_are_read_across_a_restart(
     proxy = run(started, tmp_path, fake)
     with httpx.Client(base_url=proxy.url, timeout=30) as c:
         assert remaining(c) == pytest.approx(1.0 - spent, abs=1e-6)
+
+
+def test_a_batch_body_over_stream_large_bodies_reserves_as_many_requests_as_it_can_hold(
+    fake: FakeUpstream, tmp_path: Path, started: list[Proxy]
+) -> None:
+    """Such a body goes upstream before metrion can read it: its size bounds its prompt tokens and its number of
+    requests (30 bytes each at least), each with 128,000 output tokens, at the top rates and batch prices."""
+    raw = json.dumps({"requests": [request(f"ok-{i}", 10) for i in range(5)]}).encode()
+    assert len(raw) > 1024
+    top = estimate.max_rates(Pricer((PriceOverride("claude-test", Decimal(2), Decimal(10)),)), datetime.now(UTC))
+    worst = float(estimate.unreadable_batch(len(raw), top).usd)
+    proxy = run(started, tmp_path, fake, "--set", "stream_large_bodies=1k")
+    before = len(fake.order)
+    with httpx.Client(base_url=proxy.url, timeout=30) as c:
+        with pytest.raises(httpx.HTTPError):  # refused without reading the body: the connection is closed
+            c.post("/v1/messages/batches", headers=HEADERS, content=raw)
+        assert len(fake.order) == before
+    assert proxy.wait_rows("account = 'team'")[0]["error"] == "budget_exceeded"
+
+    stop_proxy(started.pop())
+    limit = 10 * worst
+    proxy = run(started, tmp_path, fake, "--set", "stream_large_bodies=1k", limit=limit)
+    with httpx.Client(base_url=proxy.url, timeout=30) as c:
+        created = c.post("/v1/messages/batches", headers=HEADERS, content=raw)
+        assert created.status_code == 200
+        assert float(created.headers["x-metrion-budget-reserved-usd"]) == pytest.approx(worst, rel=1e-6)
+        batch_id = created.json()["id"]  # the batch object says it holds 5 requests: a fifth each
+        until(lambda: in_flight(proxy.db) == pytest.approx(worst, rel=1e-6))
+        c.get(f"/v1/messages/batches/{batch_id}", headers=HEADERS)
+        assert len(c.get(f"/v1/messages/batches/{batch_id}/results", headers=HEADERS).text.splitlines()) == 5
+        proxy.wait_rows("batch_id = ?", (batch_id,), n=5)
+        until(lambda: in_flight(proxy.db) == 0)
