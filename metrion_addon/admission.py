@@ -31,7 +31,7 @@ from typing import Any
 
 from metrion_addon import estimate as est
 from metrion_addon.alerts import Alerter, AlertHook
-from metrion_addon.batch_budget import BatchReservations
+from metrion_addon.batch_budget import BATCH_WINDOW, BatchReservations
 from metrion_addon.budget import Budgets, BudgetSettings, Check, response_headers
 from metrion_addon.inflight import InflightWriter
 from metrion_addon.labels import LabelError, UserConflict, resolve_user
@@ -139,7 +139,8 @@ class Gate:
         check = self.budgets.check(account, user, now=started)
         if check.blocked is not None:
             return self._refusal(check), {}
-        self.budgets.open(ticket, account, user, started)
+        batch = is_batch_create(method, path)
+        self.budgets.open(ticket, account, user, started, started + BATCH_WINDOW if batch else None)
         if streamed_body and self.budgets.applies(account, user, hard_only=True):
             try:
                 length = int(content_length or "")
@@ -152,7 +153,7 @@ class Gate:
                 )
                 return Refusal(413, "request_too_large", msg, "budget_unbounded"), {}
             top = self.max_rates(started)
-            if is_batch_create(method, path):  # its requests are not known: as many as the body can hold
+            if batch:  # its requests are not known: as many as the body can hold
                 self.batches.asked(ticket, 0)
                 return self._reserve(ticket, account, user, started, est.unreadable_batch(length, top))
             return self._reserve(ticket, account, user, started, est.unreadable_body(length, top))

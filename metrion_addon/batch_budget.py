@@ -36,6 +36,11 @@ from metrion_addon.record import iso_ms
 log = logging.getLogger(__name__)
 
 SEED_DAYS = 32  # a batch created longer ago than this is in no current budget period
+# A batch ends at most 24 hours after its creation (then its unfinished requests expire); an hour more for the
+# end to be stamped. Its result rows count at its end, so its reservation is held in the periods of its creation
+# and of creation + BATCH_WINDOW (the same periods, unless it was created less than 25 hours before a day or
+# month ends).
+BATCH_WINDOW = 25 * 3600.0
 
 
 def ticket_of(batch_id: str) -> tuple[str, str]:
@@ -157,7 +162,8 @@ class BatchReservations:
             if started is None or hold.left() <= 0:
                 continue
             self._holds[bid] = hold
-            self.budgets.hold(ticket_of(bid), account, db_label_key(user), started, hold.left())
+            until = started + BATCH_WINDOW
+            self.budgets.hold(ticket_of(bid), account, db_label_key(user), started, hold.left(), until)
             held += 1
         if held:
             log.info("metrion: %d batch(es) still reserve budget until their results are metered", held)

@@ -103,8 +103,9 @@ def create(gate: Gate, ticket: str, body: dict[str, Any]) -> tuple[Any, dict[str
     return gate.at_body(ticket, "acme", None, "/v1/messages/batches", NOW, 1000, body, "POST")
 
 
-def reserved(gate: Gate) -> float:
-    return sum(v for _, v in gate.budgets.reservations())
+def reserved(gate: Gate, now: float = NOW) -> float:
+    """What the account's day of `now` has reserved."""
+    return next(s.reserved for s in gate.budgets.states("acme", None, now) if s.limit.period == "daily")
 
 
 def test_refused_when_the_batch_does_not_fit() -> None:
@@ -199,3 +200,31 @@ def test_a_restart_seeds_what_unmetered_batches_still_reserve(tmp_path: Path) ->
         assert remaining == pytest.approx(1.0 - 0.01 - 0.3)
     finally:
         gate.close()
+
+
+def test_a_batch_created_late_in_the_day_must_fit_tomorrow_too() -> None:
+    """Its results count at its end, up to 24 hours later: the reservation is held in both days."""
+    late = datetime(2026, 11, 28, 22, tzinfo=UTC).timestamp()
+    tomorrow = late + 6 * 3600
+
+    class Late:
+        def __call__(self) -> float:
+            return late
+
+    gate = Gate(settings(), PRICER, Late())
+    gate.budgets.add("acme", None, 0.9, now=tomorrow)  # tomorrow is nearly used up already
+    body = batch(params(30_000))  # $0.15 of output at batch prices: fits today, not tomorrow
+    assert gate.at_headers("c", "acme", None, "/v1/messages/batches", late, method="POST")[0] is None
+    refusal, _ = gate.at_body("c", "acme", None, "/v1/messages/batches", late, 1000, body, "POST")
+    assert refusal is not None and refusal.status == 429
+    gate.settle("c", "acme", None, 0.0, late)
+
+    gate = Gate(settings(), PRICER, Late())
+    assert gate.at_headers("d", "acme", None, "/v1/messages/batches", late, method="POST")[0] is None
+    assert gate.at_body("d", "acme", None, "/v1/messages/batches", late, 1000, body, "POST")[0] is None
+    gate.batch_created("d", {"id": "b"})
+    held = gate.budgets.reserved_for(ticket_of("b"))
+    assert reserved(gate, late) == reserved(gate, tomorrow) == pytest.approx(held)
+    assert reserved(gate, tomorrow + 86400) == 0
+    gate.batch_result({"account": "acme", "batch_id": "b", "batch_result": "succeeded", "cost_usd": 0.1}, tomorrow)
+    assert reserved(gate, late) == reserved(gate, tomorrow) == 0

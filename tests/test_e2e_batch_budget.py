@@ -85,8 +85,11 @@ def remaining(c: httpx.Client) -> float:
 
 def in_flight(db: Path) -> float:
     """What `metrion-report budgets` shows as reserved for the account's day (the proxy's in-flight file)."""
+    today = datetime.fromtimestamp(NOW, UTC).date()
     return sum(
-        usd for ((account, _, is_user), period, _), usd in read_inflight(db) if not is_user and period == "daily"
+        usd
+        for ((_, _, is_user), period, start), usd in read_inflight(db)
+        if not is_user and period == "daily" and start.date() == today
     )
 
 
