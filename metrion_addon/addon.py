@@ -174,7 +174,7 @@ class Metrion:
         except ValueError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from None
         observed = self.ops.observed(store)  # batch result rows reach the metrics and logs too
-        self.batches = BatchHooks(config, pricer, observed, gate.budgets, ctx.options.metrion_batch_poll_seconds)
+        self.batches = BatchHooks(config, pricer, observed, gate, ctx.options.metrion_batch_poll_seconds)
         self.batches.start()
         log.info(
             "metrion: %d account(s) from %s, recording to %s",
@@ -318,7 +318,9 @@ class Metrion:
                 self._answer(flow, p, 403, "permission_error", msg, record_as="unknown_model_blocked")
                 return
             if p.account is not None:
-                refusal, headers = self.gate.at_body(id(p), p.account, p.user, p.path, p.started, len(raw), body)
+                refusal, headers = self.gate.at_body(
+                    id(p), p.account, p.user, p.path, p.started, len(raw), body, p.method
+                )
                 if refusal is not None:
                     self._refuse(flow, p, refusal)
                 elif headers is not None:
@@ -347,7 +349,7 @@ class Metrion:
         assert self.gate is not None
         req = flow.request
         refusal, headers = self.gate.at_headers(
-            id(p), p.account, p.user, p.path, p.started, bool(req.stream), req.headers.get("content-length")
+            id(p), p.account, p.user, p.path, p.started, bool(req.stream), req.headers.get("content-length"), p.method
         )
         if refusal is not None:
             self._refuse(flow, p, refusal)

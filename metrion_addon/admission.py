@@ -14,6 +14,8 @@ Rules (docs/budgets.md):
 - A body over `stream_large_bodies` goes upstream before it can be read: under a hard budget it reserves its
   Content-Length as prompt tokens at the most expensive rates plus MAX_OUTPUT_TOKENS of output, and is refused
   (413) when it has no Content-Length (nothing bounds it).
+- A Message Batch create (`POST /v1/messages/batches`) reserves the whole batch's worst case at batch rates, and
+  the batch keeps that reservation until its results are metered (batch_budget.py).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 from metrion_addon import estimate as est
 from metrion_addon.alerts import Alerter, AlertHook
+from metrion_addon.batch_budget import BATCH_WINDOW, BatchReservations
 from metrion_addon.budget import Budgets, BudgetSettings, Check, response_headers
 from metrion_addon.inflight import InflightWriter
 from metrion_addon.labels import LabelError, UserConflict, resolve_user
@@ -38,6 +41,11 @@ from metrion_addon.record import clean_label
 log = logging.getLogger(__name__)
 
 MESSAGES_PATH = "/v1/messages"
+BATCHES_PATH = "/v1/messages/batches"
+
+
+def is_batch_create(method: str, path: str) -> bool:
+    return method == "POST" and path == BATCHES_PATH
 
 
 def is_free(path: str) -> bool:
@@ -78,6 +86,7 @@ class Gate:
         self.alerter = Alerter(alerts)
         self.budgets = Budgets(settings, clock=clock, on_alert=self.alerter.enqueue)
         self.inflight: InflightWriter | None = None
+        self.batches = BatchReservations(self.budgets, self._changed)  # batches reserve until metered
         self._max: tuple[str, Rates] | None = None  # (UTC day, rates): prices change by date
         self.test_clock = False  # metrion_test_clock: request times follow the test clock (see shift)
 
@@ -86,6 +95,7 @@ class Gate:
             conn = connect(database)
             try:
                 self.budgets.seed(conn)  # a restart neither forgets nor double-counts this period's spend
+                self.batches.seed(conn, self.budgets.clock())  # nor what unmetered batches still reserve
             finally:
                 conn.close()
             self.inflight = InflightWriter(database, self.budgets).start()
@@ -120,6 +130,7 @@ class Gate:
         started: float,
         streamed_body: bool = False,
         content_length: str | None = None,
+        method: str = "",
     ) -> tuple[Refusal | None, dict[str, str]]:
         """Before any byte goes upstream: refused if a hard budget is used up; else the ticket is opened (its cost
         will count in the periods of `started`). A body that will not be buffered reserves here."""
@@ -128,7 +139,8 @@ class Gate:
         check = self.budgets.check(account, user, now=started)
         if check.blocked is not None:
             return self._refusal(check), {}
-        self.budgets.open(ticket, account, user, started)
+        batch = is_batch_create(method, path)
+        self.budgets.open(ticket, account, user, started, started + BATCH_WINDOW if batch else None)
         if streamed_body and self.budgets.applies(account, user, hard_only=True):
             try:
                 length = int(content_length or "")
@@ -140,21 +152,44 @@ class Gate:
                     "and has no Content-Length, so its cost has no bound; a hard budget applies, so it is refused"
                 )
                 return Refusal(413, "request_too_large", msg, "budget_unbounded"), {}
-            return self._reserve(ticket, account, user, started, est.unreadable_body(length, self.max_rates(started)))
+            top = self.max_rates(started)
+            if batch:  # its requests are not known: as many as the body can hold
+                self.batches.asked(ticket, 0)
+                return self._reserve(ticket, account, user, started, est.unreadable_batch(length, top))
+            return self._reserve(ticket, account, user, started, est.unreadable_body(length, top))
         return None, response_headers(check)
 
     def at_body(
-        self, ticket: Hashable, account: str, user: str | None, path: str, started: float, size: int, body: object
+        self,
+        ticket: Hashable,
+        account: str,
+        user: str | None,
+        path: str,
+        started: float,
+        size: int,
+        body: object,
+        method: str = "POST",
     ) -> tuple[Refusal | None, dict[str, str] | None]:
-        """The body is buffered: a Messages request reserves its worst-case cost. (None, None): nothing changed."""
-        if path != MESSAGES_PATH or not self.budgets.open_ticket(ticket):
+        """The body is buffered: a Messages request reserves its worst-case cost, a batch create its batch's.
+        (None, None): nothing changed."""
+        batch = is_batch_create(method, path)
+        if (path != MESSAGES_PATH and not batch) or not self.budgets.open_ticket(ticket):
             return None, None
         if not self.budgets.applies(account, user, hard_only=True):
             return None, None
         unknown = self.max_rates(started) if self.settings.unknown_model == "max_rate" else None
-        e = est.estimate(size, body, self.pricer, datetime.fromtimestamp(started, UTC), unknown)
+        ts = datetime.fromtimestamp(started, UTC)
+        if batch:
+            got = est.batch_estimate(size, body, self.pricer, ts, unknown, self.max_rates(started))
+            e = got[0] if got is not None else None
+            if got is not None:
+                self.batches.asked(ticket, got[1])
+        else:
+            e = est.estimate(size, body, self.pricer, ts, unknown)
         if e is None:
             model = body.get("model") if isinstance(body, dict) else None
+            if batch:
+                model = next((m for m in est.batch_models(body) if not self.pricer.knows(m, started)), None)
             msg = (
                 f"model {str(model)[:100]!r} has no known price, and a hard budget applies: this metrion proxy "
                 "refuses unpriced models under a hard budget (unknown_model_budget: refuse)"
@@ -168,6 +203,7 @@ class Gate:
         """The row is priced: its cost replaces the reservation, in the periods of the request's start. A request
         without a price (unknown model, unreadable usage) counts as its reservation, the bound it was admitted
         under; that amount is returned, for the row's `budget_usd`, so a restart and the report count it too."""
+        self.batches.call_ended(ticket)
         charged = None
         if cost is None and self.budgets.reserved_for(ticket) > 0:
             charged = cost = self.budgets.reserved_for(ticket)
@@ -186,7 +222,26 @@ class Gate:
         except Exception:
             log.exception("metrion: failed to count a request toward its budgets")
 
+    # -- Message Batches: the reservation outlives the create call (batch_budget.py) -------------------
+
+    def batch_created(self, ticket: Hashable, obj: dict[str, Any]) -> float:
+        """The create call's answer names the batch: its reservation becomes the batch's. Returns the amount."""
+        return self.batches.created(ticket, obj)
+
+    def batch_seen(self, objs: list[dict[str, Any]]) -> None:
+        """Batch objects read (retrieve, list, poll): an ended batch reserves only its unread billable results."""
+        self.batches.seen(objs)
+
+    def batch_result(self, row: dict[str, Any], started: float | None) -> None:
+        """A batch result's row: its cost counts in the periods of its `ts`, and it releases its share."""
+        self.budgets.add(row.get("account"), row.get("user"), row.get("cost_usd"), started)
+        self.batches.result(row)
+
     # -- helpers -----------------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        if self.inflight is not None:
+            self.inflight.changed()
 
     def _reserve(
         self, ticket: Hashable, account: str, user: str | None, started: float, e: est.Estimate

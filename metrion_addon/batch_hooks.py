@@ -12,9 +12,9 @@ from typing import Any
 from mitmproxy import http
 
 from metrion_addon import batches
+from metrion_addon.admission import Gate
 from metrion_addon.batch_poller import BatchPoller
 from metrion_addon.batch_recorder import BatchRecorder
-from metrion_addon.budget import Budgets
 from metrion_addon.config import Config
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending
@@ -24,10 +24,10 @@ CLIENT_PATH = "metrion_client_path"  # flow.metadata: the path as the client sen
 
 
 class BatchHooks:
-    def __init__(self, config: Config, pricer: Pricer, store: Any, budgets: Budgets, poll_seconds: float) -> None:
-        self.config, self.store, self.budgets = config, store, budgets  # store: SQLite or PostgreSQL, put() only
+    def __init__(self, config: Config, pricer: Pricer, store: Any, gate: Gate, poll_seconds: float) -> None:
+        self.config, self.store, self.gate = config, store, gate  # store: SQLite or PostgreSQL, put() only
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.recorder = BatchRecorder(config.database, pricer, self._row)
+        self.recorder = BatchRecorder(config.database, pricer, self._row, self._seen)
         keys = {a.name: a.anthropic_api_key for a in config.accounts if a.anthropic_api_key}
         self.poller = BatchPoller(config.database, self.recorder, keys, poll_seconds) if poll_seconds > 0 else None
 
@@ -71,25 +71,41 @@ class BatchHooks:
             base = batches.proxy_base(client.tls_established, client.sockname, prefix)
             who = (p.account, p.user, p.mode)
             upstream = f"{req.scheme}://{req.host}:{req.port}"
-            new = self.recorder.objects(p.method, p.path, resp.content or b"", raw, who, base, upstream)
+            body = resp.content or b""
+            new = self.recorder.objects(p.method, p.path, body, raw, who, base, upstream)
+            if p.method == "POST" and p.path == batches.BATCHES_PATH:
+                self._created(p, body)
             if new is not None:
                 resp.content = new  # re-encoded as the upstream encoded it; content-length follows
         except Exception:
             log.exception("metrion: could not read or rewrite a batch object; forwarded as received")
 
+    def _created(self, p: Pending, body: bytes) -> None:
+        """A batch created under a hard budget keeps the create call's reservation until it is metered."""
+        for obj in batches.batch_objects(body)[:1]:
+            usd = self.gate.batch_created(id(p), obj)  # the ticket of the call, as the addon opened it
+            if usd > 0:
+                held = self.gate.batches.hold(obj["id"])
+                self.recorder.reserved(obj["id"], usd, p.started, held.requests if held else 0)
+
     # -- the batch thread -----------------------------------------------------------------------------
 
-    def _row(self, row: dict[str, Any]) -> None:
-        """A batch result's row (on the batch thread): to the store, and its cost to the budgets (on the loop)."""
-        self.store.put(row)
+    def _later(self, fn: Any, *args: Any) -> None:
+        """Run `fn` on the event loop (from the batch thread)."""
         loop = self.loop
         if loop is not None and not loop.is_closed():
             # RuntimeError: the loop closed meanwhile (shutdown); the row is stored, budgets reload from it
             with contextlib.suppress(RuntimeError):
-                started = _epoch(row.get("ts"))  # counted in the periods of the row's ts, as the restart seed does
-                loop.call_soon_threadsafe(
-                    self.budgets.add, row.get("account"), row.get("user"), row.get("cost_usd"), started
-                )
+                loop.call_soon_threadsafe(fn, *args)
+
+    def _seen(self, objs: list[dict[str, Any]]) -> None:
+        self._later(self.gate.batch_seen, objs)
+
+    def _row(self, row: dict[str, Any]) -> None:
+        """A batch result's row (on the batch thread): to the store, and its cost to the budgets (on the loop)."""
+        self.store.put(row)
+        started = _epoch(row.get("ts"))  # counted in the periods of the row's ts, as the restart seed does
+        self._later(self.gate.batch_result, row, started)
 
 
 def _epoch(ts: Any) -> float | None:

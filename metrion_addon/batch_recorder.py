@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from metrion_addon.batch_budget import billable_count
 from metrion_addon.batches import (
     BATCHES_PATH,
     BatchMeta,
@@ -41,10 +42,17 @@ CACHED_BATCHES = 256  # batches whose creator and stored custom_ids are kept in 
 
 
 class BatchRecorder:
-    def __init__(self, path: Path, pricer: Pricer, deliver: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(
+        self,
+        path: Path,
+        pricer: Pricer,
+        deliver: Callable[[dict[str, Any]], None],
+        on_seen: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> None:
         self.path = path
         self.pricer = pricer
         self.deliver = deliver
+        self.on_seen = on_seen  # batch objects read by the poller (on this thread): budgets learn which ended
         self.recorded = 0
         self.duplicates = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -90,6 +98,10 @@ class BatchRecorder:
 
     def seen(self, objs: list[dict[str, Any]]) -> None:
         self._queue.put(("seen", objs))
+
+    def reserved(self, batch_id: str, usd: float, started: float, requests: int) -> None:
+        """The batch's budget reservation (its worst case at creation), kept for restarts."""
+        self._queue.put(("reserved", batch_id, usd, started, requests))
 
     def result(self, batch_id: str, res: BatchResult, fetcher: tuple[str | None, ...], request_id: str | None) -> None:
         self._queue.put(("result", batch_id, res, fetcher, request_id, time.time()))
@@ -144,6 +156,20 @@ class BatchRecorder:
                 (o["id"], iso_ms(now), account, user, mode, count, json.dumps(models), *_status(o), upstream),
             )
             self._meta.pop(o["id"], None)
+        self._billable(conn, objs)
+
+    def _on_reserved(self, conn: Any, batch_id: str, usd: float, started: float, requests: int) -> None:
+        conn.execute(
+            "UPDATE batches SET reserved_usd = ?, reserved_at = ?, request_count = coalesce(request_count, ?) "
+            "WHERE id = ?",
+            (usd, iso_ms(started), requests, batch_id),
+        )
+
+    def _billable(self, conn: Any, objs: list[dict[str, Any]]) -> None:
+        for o in objs:
+            n = billable_count(o)
+            if n is not None:
+                conn.execute("UPDATE batches SET billable_count = ? WHERE id = ?", (n, o["id"]))
 
     def _on_seen(self, conn: Any, objs: list[dict[str, Any]]) -> None:
         for o in objs:
@@ -154,6 +180,9 @@ class BatchRecorder:
                 (status, ended, url, o["id"]),
             )
             self._meta.pop(o["id"], None)  # its end time may be known now
+        self._billable(conn, objs)
+        if self.on_seen is not None:
+            self.on_seen(objs)
 
     def _on_result(
         self, conn: Any, batch_id: str, res: BatchResult, fetcher: tuple, request_id: str | None, now: float

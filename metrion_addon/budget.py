@@ -118,6 +118,7 @@ class Ticket:
 
     keys: tuple[Key, ...]
     amount: float = 0.0
+    until: float | None = None  # a batch: its cost may also land in the periods of this time (see `open`)
 
 
 def file_clock(path: str) -> Callable[[], float]:
@@ -235,19 +236,31 @@ class Budgets:
 
     # -- reservations ------------------------------------------------------------------------------
 
-    def open(self, ticket: Hashable, account: str, user: str | None, started: float) -> None:
-        """Start tracking a request admitted at `started` (its cost will count in those periods)."""
+    def open(
+        self, ticket: Hashable, account: str, user: str | None, started: float, until: float | None = None
+    ) -> None:
+        """Start tracking a request admitted at `started` (its cost will count in those periods). With `until`
+        (a batch, whose results count at its end, at the latest `until`), its reservation is held, and must fit,
+        in the periods of `until` too."""
         keys = tuple(
-            (scope, lim.period, self.period(lim.period, started)[0]) for scope, lim in self._limits(account, user)
+            dict.fromkeys(
+                (scope, lim.period, self.period(lim.period, t)[0])
+                for t in (started, until if until is not None else started)
+                for scope, lim in self._limits(account, user)
+            )
         )
         if keys:
-            self._tickets[ticket] = Ticket(keys)
+            self._tickets[ticket] = Ticket(keys, until=until)
             self._prune(started)
 
     def reserve(self, ticket: Hashable, account: str, user: str | None, amount: float, started: float) -> Check:
         """Reserve `amount` for an open ticket if it fits every hard budget; the Check says whether it did."""
         check = self.check(account, user, amount, now=started)
         t = self._tickets.get(ticket)
+        if check.blocked is None and t is not None and t.until is not None:
+            later = self.check(account, user, amount, now=t.until)
+            if later.blocked is not None:
+                return later
         if check.blocked is None and t is not None and amount > 0:
             with self.lock:
                 t.amount += amount
@@ -273,6 +286,41 @@ class Budgets:
         if cost:
             self._after_spend(t.keys)
         return True
+
+    def rekey(self, old: Hashable, new: Hashable) -> float:
+        """Move an open ticket (its periods and reservation) to another key: a batch's create call hands its
+        reservation to the batch, which outlives the call. Returns the amount moved (0: no such ticket)."""
+        t = self._tickets.pop(old, None)
+        if t is None:
+            return 0.0
+        self._tickets[new] = t
+        return t.amount
+
+    def hold(
+        self, ticket: Hashable, account: str, user: str | None, started: float, amount: float, until: float | None
+    ) -> None:
+        """Reserve `amount` for a new ticket without a check: what was admitted before a restart."""
+        self.open(ticket, account, user, started, until)
+        self.set_reserved(ticket, amount)
+
+    def set_reserved(self, ticket: Hashable, amount: float) -> None:
+        """Change an open ticket's reservation to `amount`; at 0 the ticket is closed (its spend is counted
+        separately, with `add`)."""
+        t = self._tickets.get(ticket)
+        if t is None:
+            return
+        amount = max(0.0, amount)
+        delta = amount - t.amount
+        with self.lock:
+            t.amount = amount
+            for key in t.keys:
+                left = self._reserved.get(key, 0.0) + delta
+                if left > _EPS:
+                    self._reserved[key] = left
+                else:
+                    self._reserved.pop(key, None)
+        if amount <= _EPS:
+            del self._tickets[ticket]
 
     def _prune(self, now: float) -> None:
         """Forget periods that ended over RETAIN_DAYS ago (once a day): memory stays bounded as days pass."""

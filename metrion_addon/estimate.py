@@ -29,13 +29,15 @@ from typing import Any
 
 from genai_prices import data_snapshot
 
-from metrion_addon.pricing import MTOK, US_GEO, Pricer, Rates
+from metrion_addon.pricing import BATCH, MTOK, US_GEO, Pricer, Rates
 
 OVERHEAD_TOKENS = 2_000
 IMAGE_TOKENS = 5_000
 DOCUMENT_TOKENS = 200_000
 CONTEXT_MAX_TOKENS = 1_000_000
 MAX_OUTPUT_TOKENS = 128_000
+MAX_BATCH_REQUESTS = 100_000  # Anthropic's limit on the requests of one Message Batch
+MIN_BATCH_REQUEST_BYTES = 30  # {"custom_id":"a","params":{}} and a comma: no request of a batch body is shorter
 DEFAULT_TOOL_USES = 10
 WEB_RESULT_TOKENS = 10_000
 _MAX_DEPTH = 64
@@ -135,7 +137,8 @@ def input_bound(body_bytes: int, shape: Shape) -> int:
     return min(tokens, CONTEXT_MAX_TOKENS)
 
 
-def worst_case(body_bytes: int, shape: Shape, rates: Rates, source: str) -> Estimate:
+def worst_case(body_bytes: int, shape: Shape, rates: Rates, source: str, tier: Decimal = Decimal(1)) -> Estimate:
+    """`tier`: the multiplier on token prices (BATCH for a batch's requests; server tool uses keep their price)."""
     uses = shape.web_search_uses + shape.web_fetch_uses
     iterations = 1 + uses
     prompt = min(input_bound(body_bytes, shape) + uses * WEB_RESULT_TOKENS, CONTEXT_MAX_TOKENS)
@@ -144,7 +147,7 @@ def worst_case(body_bytes: int, shape: Shape, rates: Rates, source: str) -> Esti
         in_rate = max(in_rate, rates.cache_write_1h if shape.cache_ttl == "1h" else rates.cache_write_5m)
     output = shape.max_tokens if shape.max_tokens is not None else MAX_OUTPUT_TOKENS
     mult = US_GEO if shape.us_only else Decimal(1)
-    usd = (iterations * prompt * in_rate + iterations * output * rates.output) * mult / MTOK
+    usd = (iterations * prompt * in_rate + iterations * output * rates.output) * mult * tier / MTOK
     usd += shape.web_search_uses * rates.web_search_per_1000 / 1000
     return Estimate(usd, iterations * prompt, iterations * output, shape.web_search_uses, source)
 
@@ -189,3 +192,80 @@ def unreadable_body(body_bytes: int, unknown: Rates) -> Estimate:
     prompt; max_tokens, the model and tools are unknown, so the most expensive rates and MAX_OUTPUT_TOKENS."""
     shape = Shape(cache_ttl="1h")
     return worst_case(body_bytes, shape, unknown, "max-known")
+
+
+# -- Message Batches ----------------------------------------------------------------------------------------
+
+
+def params_bytes(params: Any) -> int | None:
+    """The size of one batch request's params as compact UTF-8 JSON: what that request's body would be. It holds
+    all of the request's text, so it bounds its prompt tokens as a Messages body's size does."""
+    try:
+        return len(json.dumps(params, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "surrogatepass"))
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def batch_estimate(
+    body_bytes: int, obj: Any, pricer: Pricer, ts: datetime, unknown: Rates | None, top: Rates
+) -> tuple[Estimate, int] | None:
+    """The worst-case cost of a Message Batch (`POST /v1/messages/batches`) and its number of requests: the sum,
+    over `requests[].params`, of each request's worst case as for a Messages request, at batch rates (the
+    source's own batch rates, else 50% of every token price; server tool uses at full price). None when a
+    request names a model without a price and `unknown` is None. A body that is not a list of requests (the
+    upstream refuses it) is bounded by its size, as an unreadable batch body is, at the `top` rates."""
+    reqs = obj.get("requests") if isinstance(obj, dict) else None
+    if not isinstance(reqs, list):
+        return unreadable_batch(body_bytes, top), 0
+    total = Decimal(0)
+    tokens_in = tokens_out = searches = 0
+    sources: set[str] = set()
+    cache: dict[tuple[str, str | None, int], Rates | None] = {}
+    for r in reqs:
+        params = r.get("params") if isinstance(r, dict) else None
+        size = params_bytes(params)
+        size = body_bytes if size is None else min(size, body_bytes)
+        shape = shape_of(params)
+        rates = None
+        if shape.model:
+            prompt = input_bound(size, shape)
+            key = (shape.model, shape.speed, prompt)
+            if key not in cache:
+                cache[key] = pricer.rates(shape.model, ts, prompt, "batch", shape.speed)
+            rates = cache[key]
+        if rates is None:
+            if unknown is None:
+                return None
+            e = worst_case(size, shape, unknown, "max-known", BATCH)
+        else:
+            e = worst_case(size, shape, rates, rates.source, Decimal(1) if rates.batch_included else BATCH)
+        total += e.usd
+        tokens_in += e.input_tokens
+        tokens_out += e.output_tokens
+        searches += e.searches
+        sources.add(e.rates)
+    return Estimate(total, tokens_in, tokens_out, searches, ",".join(sorted(sources))), len(reqs)
+
+
+def batch_models(obj: Any) -> list[str]:
+    """The models a batch body's requests name, in order, each once."""
+    reqs = obj.get("requests") if isinstance(obj, dict) else None
+    out: dict[str, None] = {}
+    for r in reqs if isinstance(reqs, list) else ():
+        params = r.get("params") if isinstance(r, dict) else None
+        model = params.get("model") if isinstance(params, dict) else None
+        if isinstance(model, str):
+            out[model] = None
+    return list(out)
+
+
+def unreadable_batch(body_bytes: int, top: Rates) -> Estimate:
+    """A batch body the proxy cannot read before it goes upstream (over stream_large_bodies): as an unreadable
+    Messages body (its size as prompt tokens at the top cache-write rate), plus, for every request it can hold
+    (MIN_BATCH_REQUEST_BYTES each, MAX_BATCH_REQUESTS at most), the per-request overhead and MAX_OUTPUT_TOKENS of
+    output at the top output rate; all at batch prices."""
+    n = max(1, min(MAX_BATCH_REQUESTS, body_bytes // MIN_BATCH_REQUEST_BYTES))
+    prompt = body_bytes + n * OVERHEAD_TOKENS
+    output = n * MAX_OUTPUT_TOKENS
+    usd = (prompt * max(top.cache_write_1h, top.input) + output * top.output) * BATCH / MTOK
+    return Estimate(usd, prompt, output, 0, "max-known")

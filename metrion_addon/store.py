@@ -148,6 +148,15 @@ def _m006_budget_usd(db: sqlite_utils.Database) -> None:
     db["requests"].add_column("budget_usd", float)  # type: ignore[union-attr]
 
 
+def _m007_batch_reservations(db: sqlite_utils.Database) -> None:
+    """A batch created under a hard budget: the worst case it reserved and when (the create call's start), and
+    its succeeded count once it has ended. With its result rows, that is what it still reserves after a restart
+    (batch_budget.py)."""
+    db["batches"].add_column("reserved_usd", float)  # type: ignore[union-attr]
+    db["batches"].add_column("reserved_at", str)  # type: ignore[union-attr]
+    db["batches"].add_column("billable_count", int)  # type: ignore[union-attr]
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m001_requests,
     _m002_response_model,
@@ -155,6 +164,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _m004_batches,
     _m005_attempts,
     _m006_budget_usd,
+    _m007_batch_reservations,
 ]
 
 
