@@ -15,15 +15,15 @@ import time
 from mitmproxy import connection, ctx, exceptions, http
 
 from metrion_addon import mitm_errors, ops, record
-from metrion_addon.admission import Gate, Refusal, user_for
-from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, Authenticator, AuthError, error_body
-from metrion_addon.batch_hooks import CLIENT_PATH, BatchHooks
-from metrion_addon.budget import Budgets, file_clock
-from metrion_addon.config import Config, ConfigError, load_config
+from metrion_addon.admission import Refusal, user_for
+from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, AuthError, error_body
+from metrion_addon.batch_hooks import CLIENT_PATH
+from metrion_addon.config import ConfigError, load_config
 from metrion_addon.openai_compat import facts_for
-from metrion_addon.pricing import Pricer
-from metrion_addon.record import Pending, clean_label, finish, iso_ms, model_of, request_json, upstream_path
-from metrion_addon.store import Store, connect, open_store, store_name
+from metrion_addon.record import Pending, clean_label, finish, model_of, request_json, upstream_path
+from metrion_addon.runtime import Runtime, StartError
+from metrion_addon.schema import iso_ms
+from metrion_addon.store import store_name
 from metrion_addon.text import is_clean_token
 from metrion_addon.usage import JsonTap, StreamTap
 
@@ -40,6 +40,10 @@ REFUSAL_BODY_MAX = 4 * 1024 * 1024
 # Anthropic's own request limit is 32 MB for Messages and 256 MB for Message Batches: the default
 # `body_size_limit` when the user sets none (mitmproxy then refuses larger bodies before reading them).
 DEFAULT_BODY_SIZE_LIMIT = "256m"
+# The addon's options that the runtime is built from: a change to any of them rebuilds it.
+RUNTIME_OPTIONS = frozenset(
+    {"metrion_config", "metrion_max_backlog", "metrion_test_clock", "metrion_batch_poll_seconds"}
+)
 
 
 def redact_credentials(headers: http.Headers) -> None:
@@ -100,13 +104,7 @@ def _chain(first, tap):  # type: ignore[no-untyped-def]
 
 class Metrion:
     def __init__(self) -> None:
-        self.config: Config | None = None
-        self.auth: Authenticator | None = None
-        self.pricer: Pricer | None = None
-        self.store: Store | None = None
-        self.budgets: Budgets | None = None
-        self.gate: Gate | None = None  # budget admission: reservations, alerts (admission.py)
-        self.batches: BatchHooks | None = None
+        self.rt: Runtime | None = None  # None until a config is loaded (and then every request is refused)
         self._pending: dict[str, Pending] = {}
         self._client_of: dict[str, str] = {}  # flow id -> client connection id, for flows mitmproxy drops
         self.ops = ops.Service()  # health, probes, metrics, request logs
@@ -143,7 +141,7 @@ class Metrion:
         if "body_size_limit" in updated and ctx.options.body_size_limit is None:
             ctx.options.update(body_size_limit=DEFAULT_BODY_SIZE_LIMIT)
         self.ops.update(ctx.options)  # log format, summary interval, health threshold: applied whenever set
-        if "metrion_config" not in updated:
+        if not updated & RUNTIME_OPTIONS:
             return
         if not ctx.options.metrion_config:
             raise exceptions.OptionsError("metrion: set the config file with --set metrion_config=PATH")
@@ -151,41 +149,20 @@ class Metrion:
             config = load_config(ctx.options.metrion_config)
         except ConfigError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from None
-        store = open_store(config, max_backlog=max(1, ctx.options.metrion_max_backlog))
+        if self.rt is not None:  # closed first: its writer flushes, so the new budgets are seeded from every row
+            self.rt.close()
+            self.rt = None
         try:
-            store.start()
-        except Exception as e:
-            raise exceptions.OptionsError(f"metrion: cannot open database {config.database}: {e}") from None
-        pricer = Pricer(config.price_overrides)
-        gate = Gate(config.budgets, pricer, file_clock(ctx.options.metrion_test_clock), config.alerts)
-        gate.test_clock = bool(ctx.options.metrion_test_clock)
-        gate.start(config.database, connect)  # seeds this period's spend: a restart neither forgets nor double-counts
-        if self.batches is not None:
-            self.batches.close()
-        if self.store is not None:
-            self.store.close()
-        if self.gate is not None:
-            self.gate.close()
-        self.config, self.store, self.budgets, self.gate = config, store, gate.budgets, gate
-        self.auth = Authenticator(config.accounts)
-        self.pricer = pricer
-        try:
-            self.ops.configure(ctx.options, config, store, gate.budgets, self.pricer)
-        except ValueError as e:
+            self.rt = Runtime.open(config, ctx.options, self.ops)
+        except StartError as e:
             raise exceptions.OptionsError(f"metrion: {e}") from None
-        observed = self.ops.observed(store)  # batch result rows reach the metrics and logs too
-        self.batches = BatchHooks(config, pricer, observed, gate, ctx.options.metrion_batch_poll_seconds)
-        self.batches.start()
         log.info(
-            "metrion: %d account(s) from %s, recording to %s",
-            len(config.accounts),
-            config.path,
-            store_name(config),
+            "metrion: %d account(s) from %s, recording to %s", len(config.accounts), config.path, store_name(config)
         )
 
     def running(self) -> None:
-        if self.batches is not None:
-            self.batches.running()
+        if self.rt is not None:
+            self.rt.batches.running()
 
     def done(self) -> None:
         if self._pending:
@@ -196,23 +173,12 @@ class Metrion:
                 "metrion: %d request(s) in flight at shutdown, %d cut off (proxy_shutdown)", len(self._pending), cut
             )
             for p in self._pending.values():
-                self._store(
-                    p,
-                    status=p.status,
-                    request_id=p.request_id,
-                    headers_at=p.headers_at,
-                    ended_at=time.time(),
-                    error=None if p.facts.completed else "proxy_shutdown",
-                )
+                error = None if p.facts.completed else "proxy_shutdown"
+                self._store(p, p.status, p.request_id, p.headers_at, time.time(), error)
             self._pending.clear()
-        if self.batches is not None:
-            self.batches.close()  # its last result rows go to the store before that closes
-            self.batches = None
-        if self.store is not None:
-            self.store.close()
-            self.store = None
-        if self.gate is not None:
-            self.gate.close()
+        if self.rt is not None:
+            self.rt.close()
+            self.rt = None
         self.ops.close()
 
     def client_disconnected(self, client: connection.Client) -> None:
@@ -224,38 +190,29 @@ class Metrion:
             p = self._pending.pop(fid, None)
             if p is not None:
                 msg = "the proxy could not process this request (malformed HTTP); the connection was closed"
-                self._store(
-                    p,
-                    status=None,
-                    request_id=None,
-                    headers_at=None,
-                    ended_at=time.time(),
-                    error=p.local_error or "client_protocol_error",
-                    error_message=msg,
-                )
+                self._store(p, None, None, None, time.time(), p.local_error or "client_protocol_error", msg)
 
     # -- request side ------------------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None or self.auth is None:
-            return
+        if flow.response is not None:
+            return  # another addon answered it
         # Refused until admitted: if anything below raises, this answer stands and nothing goes upstream.
         flow.response = http.Response.make(500, json.dumps(error_body("api_error", "metrion proxy error")))
+        if self.rt is None:  # no config loaded (a reload failed): nothing can be checked, so nothing passes
+            flow.response = http.Response.make(503, json.dumps(error_body("api_error", "metrion proxy: no config")))
+            return
         try:
             if self.ops.answer_probe(flow):  # exactly GET|HEAD / and /-/health: answered here, never recorded
                 return
-            self._admit(flow)
+            self._admit(flow, self.rt)
         except Exception:
             log.exception("metrion: error while checking a request; it was refused, not forwarded")
-            p = self._pending.get(flow.id) or self._track(flow)
-            self._answer(
-                flow,
-                p,
-                500,
-                "api_error",
-                "internal error in the metrion proxy; the request was not forwarded",
-                record_as="metrion_internal_error",
-            )
+            self._refuse_internal(flow, self._pending.get(flow.id) or self._track(flow))
+
+    def _refuse_internal(self, flow: http.HTTPFlow, p: Pending) -> None:
+        msg = "internal error in the metrion proxy; the request was not forwarded"
+        self._answer(flow, p, 500, "api_error", msg, record_as="metrion_internal_error")
 
     def _track(self, flow: http.HTTPFlow) -> Pending:
         req = flow.request
@@ -264,12 +221,11 @@ class Metrion:
         self._client_of[flow.id] = flow.client_conn.id
         return p
 
-    def _admit(self, flow: http.HTTPFlow) -> None:
-        assert self.auth is not None and self.config is not None
+    def _admit(self, flow: http.HTTPFlow, rt: Runtime) -> None:
         req = flow.request
         p = self._track(flow)
         flow.metadata[CLIENT_PATH] = req.path  # as the client sent it (for the batch results_url rewrite)
-        req.path = upstream_path(req.path, self.config.path_prefix)
+        req.path = upstream_path(req.path, rt.config.path_prefix)
         p.path = clean_label(req.path.partition("?")[0]) or "/"
         p.client = clean_label(req.headers.get("user-agent"))
         p.session_id = clean_label(req.headers.get("x-claude-code-session-id"))
@@ -281,17 +237,17 @@ class Metrion:
         p.retry_count, p.request_key = record.attempt_headers(req.headers)
 
         bad = malformed_headers(req.headers)
-        decision = self.auth.authenticate(req.headers) if bad is None else AuthError(bad[2], bad[0], bad[1])
+        decision = rt.auth.authenticate(req.headers) if bad is None else AuthError(bad[2], bad[0], bad[1])
         for name in [n for n in req.headers if n.lower().startswith(METRION_HEADER_PREFIX)]:
             del req.headers[name]
         if isinstance(decision, AuthError):
             self._answer(flow, p, decision.status, decision.error_type, decision.message)
             return
         p.account, p.mode = decision.account.name, decision.mode
-        p.user, refusal = user_for(decision.user, asserted_user, self.config.bound_user_header)
+        p.user, refusal = user_for(decision.user, asserted_user, rt.config.bound_user_header)
         if refusal is not None:
             return self._refuse(flow, p, refusal)
-        if not self._within_limits(flow, p):
+        if not self._within_limits(flow, p, rt):
             return
         for name in decision.remove_headers:
             req.headers.pop(name, None)
@@ -304,21 +260,21 @@ class Metrion:
     def request(self, flow: http.HTTPFlow) -> None:
         """The body has been read (unless mitmproxy streams it): the model, and the unknown-model policy."""
         p = self._pending.get(flow.id)
-        if p is None or flow.request.stream:
+        if p is None or flow.request.stream or self.rt is None:
             return
+        rt = self.rt
         try:
             raw = flow.request.raw_content or b""
             body = request_json(raw, flow.request.headers.get("content-type", ""))  # parsed once, used twice
             p.model = model_of(body)
             if p.local_error is not None or flow.response is not None:
                 return  # refused already; the model is only for the record
-            assert self.config is not None and self.pricer is not None and self.gate is not None
-            if self.config.budgets.block_unknown_models and p.model and not self.pricer.knows(p.model, p.started):
+            if rt.config.budgets.block_unknown_models and p.model and not rt.pricer.knows(p.model, p.started):
                 msg = f"model {p.model!r} has no known price, and this metrion proxy refuses unpriced models"
                 self._answer(flow, p, 403, "permission_error", msg, record_as="unknown_model_blocked")
                 return
             if p.account is not None:
-                refusal, headers = self.gate.at_body(
+                refusal, headers = rt.gate.at_body(
                     id(p), p.account, p.user, p.path, p.started, len(raw), body, p.method
                 )
                 if refusal is not None:
@@ -327,28 +283,20 @@ class Metrion:
                     flow.metadata["metrion_budget_headers"] = headers
         except Exception:
             log.exception("metrion: error while reading a request body; it was refused, not forwarded")
-            self._answer(
-                flow,
-                p,
-                500,
-                "api_error",
-                "internal error in the metrion proxy; the request was not forwarded",
-                record_as="metrion_internal_error",
-            )
+            self._refuse_internal(flow, p)
 
-    def _within_limits(self, flow: http.HTTPFlow, p: Pending) -> bool:
+    def _within_limits(self, flow: http.HTTPFlow, p: Pending, rt: Runtime) -> bool:
         """Budgets, checked before anything is forwarded."""
-        assert self.config is not None and self.budgets is not None and p.account is not None
-        if self.config.budgets.block_unknown_models and flow.request.stream:
+        assert p.account is not None
+        if rt.config.budgets.block_unknown_models and flow.request.stream:
             msg = (
                 "this metrion proxy refuses unpriced models, and reads the model from the body before "
                 "forwarding: this body is over stream_large_bodies, so its model cannot be checked"
             )
             self._answer(flow, p, 413, "request_too_large", msg, record_as="unknown_model_blocked")
             return False
-        assert self.gate is not None
         req = flow.request
-        refusal, headers = self.gate.at_headers(
+        refusal, headers = rt.gate.at_headers(
             id(p), p.account, p.user, p.path, p.started, bool(req.stream), req.headers.get("content-length"), p.method
         )
         if refusal is not None:
@@ -361,7 +309,7 @@ class Metrion:
         self._answer(flow, p, r.status, r.error_type, r.message, record_as=r.record_as, retry_after=r.retry_after)
 
     def _shift(self) -> float:  # metrion_test_clock only: how far the test clock is from the real one
-        return self.gate.shift() if self.gate is not None else 0.0
+        return self.rt.gate.shift() if self.rt is not None else 0.0
 
     def _answer(
         self,
@@ -399,7 +347,7 @@ class Metrion:
         p.facts = facts_for(p.method, p.path) or p.facts  # an endpoint with its own wire format
         ctype = resp.headers.get("content-type", "").lower()
         encoding = resp.headers.get("content-encoding")
-        tap = self.batches.results_tap(p, resp.status_code, encoding) if self.batches is not None else None
+        tap = self.rt.batches.results_tap(p, resp.status_code, encoding) if self.rt is not None else None
         if tap is not None:
             pass  # batch results (JSONL): read line by line, never buffered
         elif ctype.startswith("text/event-stream"):
@@ -430,15 +378,9 @@ class Metrion:
             if body:
                 p.facts.from_json_body(body)
                 p.counted_tokens = record.counted_tokens(p.path, resp.status_code, body)
-        if p.local_error is None and self.batches is not None:
-            self.batches.response(flow, p)  # batch objects: kept, and results_url pointed at this proxy
-        self._record(
-            flow,
-            p,
-            status=resp.status_code,
-            headers_at=resp.timestamp_start,
-            ended_at=resp.timestamp_end or time.time(),
-        )
+        if p.local_error is None and self.rt is not None:
+            self.rt.batches.response(flow, p)  # batch objects: kept, and results_url pointed at this proxy
+        self._record(flow, p, resp.status_code, resp.timestamp_start, resp.timestamp_end or time.time())
 
     def error(self, flow: http.HTTPFlow) -> None:
         redact_credentials(flow.request.headers)
@@ -461,31 +403,51 @@ class Metrion:
                 "proxy_error": 502,
                 "request_too_large": 413,
             }.get(kind)  # what mitmproxy answered the client
-        self._record(
-            flow,
-            p,
-            status=status,
-            headers_at=p.headers_at,
-            ended_at=time.time(),
-            error=kind,
-            error_message=msg,
-        )
+        self._record(flow, p, status, p.headers_at, time.time(), kind, msg)
 
-    def _record(self, flow: http.HTTPFlow, p: Pending, **kw) -> None:  # type: ignore[no-untyped-def]
-        if self.batches is not None:
-            self.batches.fetch_ended(p)
+    def _record(
+        self,
+        flow: http.HTTPFlow,
+        p: Pending,
+        status: int | None,
+        headers_at: float | None,
+        ended_at: float,
+        error: str | None = None,
+        error_message: str | None = None,
+    ) -> None:
+        if self.rt is not None:
+            self.rt.batches.fetch_ended(p)
         request_id = flow.response.headers.get("request-id") if flow.response is not None else None
-        self._store(p, request_id=request_id, **kw)
+        self._store(p, status, request_id, headers_at, ended_at, error, error_message)
 
-    def _store(self, p: Pending, **kw) -> None:  # type: ignore[no-untyped-def]
-        """Build the row, queue it for the writer, and count its cost toward budgets."""
-        if self.pricer is None or self.store is None:
+    def _store(
+        self,
+        p: Pending,
+        status: int | None,
+        request_id: str | None,
+        headers_at: float | None,
+        ended_at: float,
+        error: str | None = None,
+        error_message: str | None = None,
+    ) -> None:
+        """Build the row, queue it for the writer, and settle its reservation with its real cost."""
+        rt = self.rt
+        if rt is None:
             return
         if shift := self._shift():
-            kw["ended_at"] += shift
-            kw["headers_at"] = kw["headers_at"] + shift if kw.get("headers_at") is not None else None
+            ended_at += shift
+            headers_at = headers_at + shift if headers_at is not None else None
         try:
-            row = finish(p, pricer=self.pricer, **kw)
+            row = finish(
+                p,
+                pricer=rt.pricer,
+                status=status,
+                request_id=request_id,
+                headers_at=headers_at,
+                ended_at=ended_at,
+                error=error,
+                error_message=error_message,
+            )
         except Exception:  # never lose the row over a bug in accounting: keep what is certain
             log.exception("metrion: failed to account a request; recording it without usage")
             row = {
@@ -497,13 +459,12 @@ class Metrion:
                 "path": p.path,
                 "model": p.model,
                 "stream": int(p.streamed),
-                "status": kw.get("status"),
+                "status": status,
                 "completed": 0,
                 "error": "metrion_internal_error",
             }
-        if self.gate is not None:  # the real cost replaces the reservation (the ticket: id(p), alive till now)
-            self.gate.settle_row(id(p), row, p.started)
-        self.store.put(row)
+        rt.gate.settle_row(id(p), row, p.started)  # the real cost replaces the reservation (id(p): alive till now)
+        rt.store.put(row)
         self.ops.observe(row)  # metrics and the request log, on the observer thread
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mitmproxy import ctx
 from mitmproxy.test import taddons, tflow, tutils
 
 from metrion_addon import addon as addon_module
@@ -60,7 +61,7 @@ def test_a_bug_in_our_checks_refuses_the_request(metrion, monkeypatch: pytest.Mo
     def broken(*_: Any) -> Any:
         raise RuntimeError("a bug in authentication")
 
-    monkeypatch.setattr(m.auth, "authenticate", broken)
+    monkeypatch.setattr(m.rt.auth, "authenticate", broken)
     f = flow(x_api_key=MANAGED_TOKEN, x_metrion_user="bug")
     m.requestheaders(f)
     assert error_of(f) == (500, "api_error")  # answered locally: never forwarded
@@ -87,7 +88,7 @@ def test_a_bug_before_anything_is_known_still_refuses(metrion, monkeypatch: pyte
 def test_a_bug_that_escapes_the_handler_leaves_the_refusal_in_place(metrion, monkeypatch: pytest.MonkeyPatch) -> None:
     """Even if the error handling itself fails, the local answer set first is what the client gets."""
     m, _ = metrion
-    monkeypatch.setattr(m, "_admit", lambda f: (_ for _ in ()).throw(RuntimeError("bug")))
+    monkeypatch.setattr(m, "_admit", lambda *a: (_ for _ in ()).throw(RuntimeError("bug")))
     monkeypatch.setattr(m, "_answer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("bug in the handler")))
     f = flow(x_api_key=MANAGED_TOKEN)
     with pytest.raises(RuntimeError):
@@ -157,3 +158,26 @@ def test_shutdown_records_a_finished_stream_as_complete(metrion) -> None:
 )
 def test_classify_error(msg: str, started: bool, kind: str) -> None:
     assert classify_error(msg, started) == kind
+
+
+def test_without_a_loaded_config_every_request_is_refused() -> None:
+    """A proxy whose config failed to load (or was never given) has nothing to check credentials against."""
+    m = Metrion()
+    with taddons.context(m):
+        f = flow(x_api_key=MANAGED_TOKEN)
+        m.requestheaders(f)
+        assert error_of(f) == (503, "api_error")
+
+
+def test_a_runtime_option_rebuilds_the_runtime_and_loses_no_row(metrion, tmp_path: Path) -> None:
+    """The old runtime is closed (its writer flushed) before the new one starts and seeds its budgets."""
+    m, db = metrion
+    for i in range(50):
+        f = flow(x_api_key=MANAGED_TOKEN, x_metrion_user=f"reload-{i}")
+        m.requestheaders(f)
+        f.response = tutils.tresp()  # the upstream's answer
+        m.response(f)  # its row is queued for the writer
+    old = m.rt
+    ctx.options.update(metrion_max_backlog=1000)  # any of the runtime's options rebuilds it
+    assert m.rt is not None and m.rt is not old
+    assert len(rows(db)) == 50  # everything the old writer had queued
