@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from metrion_addon.pricing import ZERO, Priced, Pricer
-from metrion_addon.record import MODEL_MAX
+from metrion_addon.record import MODEL_MAX, usage_columns
 from metrion_addon.schema import RequestRow, iso_ms
 from metrion_addon.sse import incremental_decoder
 from metrion_addon.text import clean_text
@@ -269,20 +269,7 @@ def result_row(res: BatchResult, meta: BatchMeta, pricer: Pricer, request_id: st
         **priced.columns(),
     }
     if usage is not None and usage.plausible:
-        row.update(
-            input_tokens=usage.total("input_tokens"),
-            output_tokens=usage.total("output_tokens"),
-            cache_creation_input_tokens=usage.total("cache_creation_input_tokens"),
-            cache_read_input_tokens=usage.total("cache_read_input_tokens"),
-            cache_creation_5m_input_tokens=usage.total("cache_creation_5m_input_tokens"),
-            cache_creation_1h_input_tokens=usage.total("cache_creation_1h_input_tokens"),
-            web_search_requests=usage.web_search_requests,
-            web_fetch_requests=usage.web_fetch_requests,
-            service_tier=clean_text(usage.service_tier),
-            inference_geo=clean_text(usage.inference_geo),
-            speed=clean_text(usage.speed),
-            iterations=usage.iterations,
-        )
+        row.update(usage_columns(usage))
     return row
 
 

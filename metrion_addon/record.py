@@ -11,7 +11,7 @@ from typing import Any
 from metrion_addon.pricing import COUNT_TOKENS_PATH, Priced, Pricer
 from metrion_addon.schema import RequestRow, iso_ms
 from metrion_addon.text import REDACTED, clean_text, looks_like_credential
-from metrion_addon.usage import JsonTap, ResponseFacts, StreamTap
+from metrion_addon.usage import JsonTap, ResponseFacts, StreamTap, Usage
 
 _MESSAGES_RE = re.compile(r"^(?:/v1)?/messages(/.*)?$")
 LABEL_MAX = 200
@@ -174,18 +174,24 @@ def finish(
         **priced.columns(),
     }
     if usage is not None:
-        row.update(
-            input_tokens=usage.total("input_tokens"),
-            output_tokens=usage.total("output_tokens"),
-            cache_creation_input_tokens=usage.total("cache_creation_input_tokens"),
-            cache_read_input_tokens=usage.total("cache_read_input_tokens"),
-            cache_creation_5m_input_tokens=usage.total("cache_creation_5m_input_tokens"),
-            cache_creation_1h_input_tokens=usage.total("cache_creation_1h_input_tokens"),
-            web_search_requests=usage.web_search_requests,
-            web_fetch_requests=usage.web_fetch_requests,
-            service_tier=clean_text(usage.service_tier),
-            inference_geo=clean_text(usage.inference_geo),
-            speed=clean_text(usage.speed),
-            iterations=usage.iterations,
-        )
+        row.update(usage_columns(usage))
+    return row
+
+
+def usage_columns(usage: Usage) -> dict[str, Any]:
+    """The token and billing-modifier columns of a row, from its billed usage."""
+    row: dict[str, Any] = {
+        "input_tokens": usage.total("input_tokens"),
+        "output_tokens": usage.total("output_tokens"),
+        "cache_creation_input_tokens": usage.total("cache_creation_input_tokens"),
+        "cache_read_input_tokens": usage.total("cache_read_input_tokens"),
+        "cache_creation_5m_input_tokens": usage.total("cache_creation_5m_input_tokens"),
+        "cache_creation_1h_input_tokens": usage.total("cache_creation_1h_input_tokens"),
+        "web_search_requests": usage.web_search_requests,
+        "web_fetch_requests": usage.web_fetch_requests,
+        "service_tier": clean_text(usage.service_tier),
+        "inference_geo": clean_text(usage.inference_geo),
+        "speed": clean_text(usage.speed),
+        "iterations": usage.iterations,
+    }
     return row

@@ -110,9 +110,9 @@ def fallback_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[
     m = Metrion()
     with taddons.context(m) as tctx:
         tctx.configure(m, metrion_config=str(cfg))
-        assert m.store is not None
-        put, seen = m.store.put, []
-        monkeypatch.setattr(m.store, "put", lambda row: (seen.append(dict(row)), put(row)))
+        assert m.rt is not None
+        put, seen = m.rt.store.put, []
+        monkeypatch.setattr(m.rt.store, "put", lambda row: (seen.append(dict(row)), put(row)))
         f = tflow.tflow()
         f.request.path = "/v1/messages"
         f.request.content = b'{"model": "claude-sonnet-5-5", "max_tokens": 5}'
