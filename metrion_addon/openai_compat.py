@@ -84,13 +84,8 @@ class ChatCompletionFacts(ResponseFacts):
         self._merge_usage(obj.get("usage"))
 
     def from_json_body(self, body: bytes) -> None:
-        try:
-            obj = json.loads(body)
-        except (ValueError, RecursionError):
-            self.parse_errors += 1
-            return
-        if not isinstance(obj, dict):
-            self.parse_errors += 1
+        obj = self.json_object(body)
+        if obj is None:
             return
         if self._openai_error(obj):
             return

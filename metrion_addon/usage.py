@@ -189,14 +189,20 @@ class ResponseFacts:
 
     # -- JSON bodies -------------------------------------------------------------------------------
 
-    def from_json_body(self, body: bytes) -> None:
+    def json_object(self, body: bytes) -> dict[str, Any] | None:
+        """A JSON body's top-level object; None, counted as a parse error, when it is not one."""
         try:
             obj = json.loads(body)
         except (ValueError, RecursionError):
-            self.parse_errors += 1
-            return
+            obj = None
         if not isinstance(obj, dict):
             self.parse_errors += 1
+            return None
+        return obj
+
+    def from_json_body(self, body: bytes) -> None:
+        obj = self.json_object(body)
+        if obj is None:
             return
         kind = obj.get("type")
         if kind == "error":
