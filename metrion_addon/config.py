@@ -10,26 +10,21 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
-
 from metrion_addon.alerts import AlertHook, parse_alerts
 from metrion_addon.budget import PERIODS, AccountBudgets, BudgetSettings, Limit
 from metrion_addon.labels import LabelError, required_label_key
+from metrion_addon.yamlcheck import ConfigError, Ctx, Node, parse_yaml
 
 TOKEN_PREFIX = "sk-metrion-"
 _SHA256_RE = re.compile(r"^sha256:([0-9a-fA-F]{64})$")
 _ENV_RE = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _PRICE_FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read", "web_search_per_1000")
-
-
-class ConfigError(Exception):
-    """A configuration problem, phrased for the person who wrote the file."""
 
 
 @dataclass(frozen=True)
@@ -102,118 +97,7 @@ def hash_token(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
 
 
-# --- YAML with line numbers -------------------------------------------------------------------------
-
-
-class _Node:
-    """A YAML value and the line it started on (1-based)."""
-
-    __slots__ = ("value", "line")
-
-    def __init__(self, value: Any, line: int) -> None:
-        self.value = value
-        self.line = line
-
-
-def _convert(node: yaml.Node) -> _Node:
-    line = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, _Node] = {}
-        for key_node, value_node in node.value:
-            key = _LOADER.construct_object(key_node) if isinstance(key_node, yaml.ScalarNode) else None
-            key = "on" if key is True and key_node.value.lower() == "on" else key  # YAML 1.1: bare `on` is true
-            if not isinstance(key, str):
-                raise ConfigError(f"line {key_node.start_mark.line + 1}: mapping keys must be plain names")
-            if key in out:
-                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {key!r} appears twice")
-            out[key] = _convert(value_node)
-        return _Node(out, line)
-    if isinstance(node, yaml.SequenceNode):
-        return _Node([_convert(n) for n in node.value], line)
-    return _Node(_LOADER.construct_object(node), line)
-
-
-_LOADER = yaml.SafeLoader("")
-
-
-def _parse_yaml(text: str, source: str) -> _Node | None:
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(f"{source}: {where}invalid YAML: {problem}") from None
-    try:
-        return None if root is None else _convert(root)
-    except ConfigError as e:  # repeated or non-plain keys: name the file like every other message does
-        raise ConfigError(f"{source}: {e}") from None
-
-
-# --- validation helpers -----------------------------------------------------------------------------
-
-
-class _Ctx:
-    def __init__(self, source: str) -> None:
-        self.source = source
-
-    def fail(self, where: str, node: _Node | None, message: str) -> ConfigError:
-        line = f"line {node.line}, " if node is not None else ""
-        return ConfigError(f"{self.source}: {line}field '{where}': {message}")
-
-    def mapping(self, node: _Node, where: str, allowed: tuple[str, ...]) -> dict[str, _Node]:
-        if not isinstance(node.value, dict):
-            raise self.fail(where, node, f"must be a mapping, got {_type_name(node.value)}")
-        for key, child in node.value.items():
-            if key not in allowed:
-                name = f"{where}.{key}" if where else key
-                raise self.fail(name, child, f"unknown key (allowed: {', '.join(allowed)})")
-        return node.value
-
-    def string(self, node: _Node, where: str, *, secret: bool = False) -> str:
-        if not isinstance(node.value, str) or not node.value:
-            got = "a secret of the wrong type" if secret else _type_name(node.value)
-            raise self.fail(where, node, f"must be a non-empty string, got {got}")
-        return node.value
-
-    def integer(self, node: _Node, where: str, lo: int, hi: int) -> int:
-        if not isinstance(node.value, int) or isinstance(node.value, bool):
-            raise self.fail(where, node, f"must be an integer, got {_type_name(node.value)}")
-        if not lo <= node.value <= hi:
-            raise self.fail(where, node, f"must be between {lo} and {hi}, got {node.value}")
-        return node.value
-
-    def boolean(self, node: _Node, where: str) -> bool:
-        if not isinstance(node.value, bool):
-            raise self.fail(where, node, f"must be true or false, got {_type_name(node.value)}")
-        return node.value
-
-    def price(self, node: _Node, where: str) -> Decimal:
-        if isinstance(node.value, bool) or not isinstance(node.value, int | float | str):
-            raise self.fail(where, node, f"must be a number (USD), got {_type_name(node.value)}")
-        try:
-            value = Decimal(str(node.value))
-        except InvalidOperation:
-            raise self.fail(where, node, f"must be a number (USD), got {node.value!r}") from None
-        if not value.is_finite() or value < 0:
-            raise self.fail(where, node, "must be a finite, non-negative number")
-        return value
-
-    def sequence(self, node: _Node, where: str) -> list[_Node]:
-        if not isinstance(node.value, list):
-            raise self.fail(where, node, f"must be a list, got {_type_name(node.value)}")
-        return node.value
-
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "nothing (null)"
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "an integer"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _expand_env(ctx: _Ctx, node: _Node, where: str, env: dict[str, str] | None) -> str:
+def _expand_env(ctx: Ctx, node: Node, where: str, env: dict[str, str] | None) -> str:
     """A secret's value: the literal, or the named environment variable. With `env=None` (secrets not
     resolved) a `${VAR}` reference is returned as written."""
     raw = ctx.string(node, where, secret=True)
@@ -230,7 +114,7 @@ def _expand_env(ctx: _Ctx, node: _Node, where: str, env: dict[str, str] | None) 
     return value
 
 
-def _expand_url(ctx: _Ctx, node: _Node, env: dict[str, str] | None) -> str:
+def _expand_url(ctx: Ctx, node: Node, env: dict[str, str] | None) -> str:
     """A database URL with any `${VAR}` in it replaced from the environment (kept as written without env)."""
     raw = ctx.string(node, "database", secret=True)
     if env is None:
@@ -245,7 +129,7 @@ def _expand_url(ctx: _Ctx, node: _Node, env: dict[str, str] | None) -> str:
     return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", value, raw)
 
 
-def _token_hash(ctx: _Ctx, node: _Node, where: str) -> bytes:
+def _token_hash(ctx: Ctx, node: Node, where: str) -> bytes:
     raw = ctx.string(node, where, secret=True)
     m = _SHA256_RE.match(raw)
     if m:
@@ -286,7 +170,7 @@ _RECONCILE_KEYS = ("admin_api_key", "base_url")
 _URL_RE = re.compile(r"^https?://[^/\s]+$")
 
 
-def _limits(ctx: _Ctx, node: _Node, where: str) -> tuple[Limit, ...]:
+def _limits(ctx: Ctx, node: Node, where: str) -> tuple[Limit, ...]:
     """{daily: 50, monthly: {usd: 1000, enforce: soft}}: a number is a hard limit in USD."""
     limits = []
     for period, lim_node in ctx.mapping(node, where, PERIODS).items():
@@ -305,14 +189,14 @@ def _limits(ctx: _Ctx, node: _Node, where: str) -> tuple[Limit, ...]:
     return tuple(limits)
 
 
-def _user_key(ctx: _Ctx, node: _Node, where: str, label: object) -> str:
+def _user_key(ctx: Ctx, node: Node, where: str, label: object) -> str:
     try:  # as budgets compare it
         return required_label_key(label)
     except LabelError as e:
         raise ctx.fail(where, node, str(e)) from None
 
 
-def _token(ctx: _Ctx, node: _Node, where: str) -> tuple[bytes, str | None]:
+def _token(ctx: Ctx, node: Node, where: str) -> tuple[bytes, str | None]:
     """A token: a plain string, or {token: ..., user: alice} for a token bound to its user."""
     if not isinstance(node.value, dict):
         return _token_hash(ctx, node, where), None
@@ -323,7 +207,7 @@ def _token(ctx: _Ctx, node: _Node, where: str) -> tuple[bytes, str | None]:
     return _token_hash(ctx, tok["token"], f"{where}.token"), user
 
 
-def _account_budgets(ctx: _Ctx, acc: dict[str, _Node], where: str) -> AccountBudgets | None:
+def _account_budgets(ctx: Ctx, acc: dict[str, Node], where: str) -> AccountBudgets | None:
     if not any(k in acc for k in ("budget", "user_budget", "user_budgets")):
         return None
     users: dict[str, tuple[Limit, ...]] = {}
@@ -366,8 +250,8 @@ def load_config(
 
 
 def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
-    ctx = _Ctx(str(path))
-    root = _parse_yaml(text, str(path))
+    ctx = Ctx(str(path))
+    root = parse_yaml(text, str(path))
     if root is None:
         raise ConfigError(f"{path}: the config file is empty")
     top = ctx.mapping(root, "", _TOP_KEYS)
@@ -471,7 +355,7 @@ def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
         pricing = ctx.mapping(top["pricing"], "pricing", _PRICING_KEYS)
         overrides: list[PriceOverride] = []
         seen_prefixes: set[str] = set()
-        for i, o_node in enumerate(ctx.sequence(pricing.get("overrides", _Node([], 0)), "pricing.overrides")):
+        for i, o_node in enumerate(ctx.sequence(pricing.get("overrides", Node([], 0)), "pricing.overrides")):
             where = f"pricing.overrides[{i}]"
             o = ctx.mapping(o_node, where, _OVERRIDE_KEYS)
             for required in ("prefix", "input", "output"):
@@ -507,7 +391,7 @@ def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
 _LISTEN_RE = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]\s]+)):(?P<port>\d{1,5})$")
 
 
-def _metrics(ctx: _Ctx, top: dict[str, _Node], kw: dict[str, Any]) -> None:
+def _metrics(ctx: Ctx, top: dict[str, Node], kw: dict[str, Any]) -> None:
     """`metrics_listen: 127.0.0.1:9464` (off when absent) and `metrics_users: [alice, bob]`."""
     if "metrics_listen" in top and top["metrics_listen"].value is not None:
         node = top["metrics_listen"]
