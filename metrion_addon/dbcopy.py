@@ -14,7 +14,7 @@ import argparse
 import sqlite3
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -47,14 +47,15 @@ def _from_pg(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_rows(src: str) -> tuple[int, Iterator[list[dict[str, Any]]]]:
-    """(row count, chunks of rows as the SQLite store holds them) from a SQLite file or PostgreSQL."""
+def read_rows(src: str, where: str = "", params: Sequence[Any] = ()) -> tuple[int, Iterator[list[dict[str, Any]]]]:
+    """(row count, chunks of rows as the SQLite store holds them) from a SQLite file or PostgreSQL; `where`
+    (PostgreSQL only: ` AND ...` with %s parameters) narrows the rows."""
     if is_pg_url(src):
         import psycopg
         from psycopg.rows import dict_row
 
         conn = psycopg.connect(src)
-        total = conn.execute("SELECT count(*) FROM requests").fetchone()[0]  # type: ignore[index]
+        total = conn.execute(f"SELECT count(*) FROM requests WHERE TRUE{where}", params).fetchone()[0]  # type: ignore[index]
 
         def pg_chunks() -> Iterator[list[dict[str, Any]]]:
             last = 0
@@ -62,7 +63,7 @@ def read_rows(src: str) -> tuple[int, Iterator[list[dict[str, Any]]]]:
                 while True:
                     with conn.cursor(row_factory=dict_row) as cur:
                         rows = cur.execute(
-                            "SELECT * FROM requests WHERE id > %s ORDER BY id LIMIT %s", (last, CHUNK)
+                            f"SELECT * FROM requests WHERE id > %s{where} ORDER BY id LIMIT %s", (last, *params, CHUNK)
                         ).fetchall()
                     if not rows:
                         return

@@ -63,11 +63,26 @@ def main() -> None:
             with psycopg.connect(pg.url) as conn:
                 size = conn.execute("SELECT pg_total_relation_size('requests')").fetchone()[0]  # type: ignore[index]
             sqlite_size = (Path(tmp) / "m.db").stat().st_size
+            report_s = {db: time_report(db) for db in (str(Path(tmp) / "m.db"), pg.url)}
     finally:
         pg.close()
-    print(f"{'store':<12}{'rows/s':>12}{'bytes/row':>12}")
-    print(f"{'SQLite':<12}{sqlite_rate:>12,.0f}{sqlite_size / args.rows:>12,.0f}")
-    print(f"{'PostgreSQL':<12}{pg_rate:>12,.0f}{size / args.rows:>12,.0f}")
+    print(f"{'store':<12}{'rows/s':>12}{'bytes/row':>12}{'report (s)':>12}")
+    sqlite_report, pg_report = report_s.values()
+    print(f"{'SQLite':<12}{sqlite_rate:>12,.0f}{sqlite_size / args.rows:>12,.0f}{sqlite_report:>12.2f}")
+    print(f"{'PostgreSQL':<12}{pg_rate:>12,.0f}{size / args.rows:>12,.0f}{pg_report:>12.2f}")
+    print("report: `metrion report --json` (summary) over all rows; over PostgreSQL it copies them to SQLite first")
+
+
+def time_report(db: str) -> float:
+    import contextlib
+    import io
+
+    from metrion_addon.report import main as report_main
+
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert report_main(["--db", db, "--json", "--utc"]) == 0
+    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import contextlib
 import os
 import sqlite3
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -28,6 +29,7 @@ from metrion_addon.report.db import (
     resolve_db,
 )
 from metrion_addon.report.output import to_csv, to_json
+from metrion_addon.report.pg import snapshot
 from metrion_addon.report.queries import DIMENSIONS, Filters, Options
 from metrion_addon.report.terminal import SUMMARY_CHART_PERIODS, print_unsqueezed, render
 from metrion_addon.report.views import VIEWS, run_view
@@ -126,18 +128,28 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
         return int(e.code or 0)
+    stack = contextlib.ExitStack()
     try:
         opts = options_from_args(args)
         config = read_config(args.config)
         if args.view in ("budgets", "html"):
             opts = replace(opts, budgets=config.budgets if config is not None else None)
-        path = resolve_db(args.db, config)
+        source = resolve_db(args.db, config)
+        if isinstance(source, str):  # PostgreSQL: the rows this view reads, in a SQLite file of their own
+            if args.watch:
+                raise ReportError("--watch reads SQLite databases only", EXIT_USAGE)
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="metrion-report-"))
+            path = snapshot(source, opts, args.view, Path(workdir))  # checks that the store is not empty
+            checked = True
+        else:
+            path, checked = source, False
         if args.view == "html":  # one self-contained page: metrion_addon/report/html.py
             from metrion_addon.report.html import write_report
 
             conn = open_db(path)
             try:
-                check_not_empty(conn, path)
+                if not checked:
+                    check_not_empty(conn, path)
             finally:
                 conn.close()
             write_report(path, opts, args.stack or "model", args.output)
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         conn = open_db(path)
         try:
-            if args.view != "budgets":
+            if args.view != "budgets" and not checked:
                 check_not_empty(conn, path)
             report = run_view(conn, args.view, opts)
         finally:
@@ -162,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     except sqlite3.Error as e:
         print(f"metrion-report: database error: {e}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        stack.close()
     if args.json:
         sys.stdout.write(to_json(report, opts) + "\n")
     elif args.csv:

@@ -85,14 +85,10 @@ def read_config(config: str | None) -> Config | None:
         raise ReportError(f"config error: {e}", EXIT_USAGE) from None
 
 
-def resolve_db(db: str | None, config: Config | None) -> Path:
-    """--db, else the config's `database`, else ./metrion.db."""
-    if db and db.startswith(("postgresql://", "postgres://")) or (not db and config and config.database_url):
-        raise ReportError(
-            "the report reads SQLite databases only for now; a PostgreSQL store can be reported on once its "
-            "rows are copied to a SQLite file",
-            EXIT_USAGE,
-        )
+def resolve_db(db: str | None, config: Config | None) -> Path | str:
+    """--db, else the config's database (a PostgreSQL URL in fleet mode), else ./metrion.db."""
     if db:
-        return Path(db).expanduser()
-    return config.database if config is not None else Path("metrion.db")
+        return db if db.startswith(("postgresql://", "postgres://")) else Path(db).expanduser()
+    if config is not None:
+        return config.database_url or config.database
+    return Path("metrion.db")
