@@ -53,7 +53,6 @@ class FakeStore:
         self._pending, self.failing, self.busy_since = pending, failing, busy_since
         self.written = self.dropped = 0
 
-
     def pending(self) -> int:
         return self._pending
 
