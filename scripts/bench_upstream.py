@@ -20,6 +20,7 @@ from tests.fake_upstream import FakeUpstream, Scenario, run_until_interrupted  #
 
 SLOW_DELTAS = 20  # slow stream: 26 events, 50 ms apart, ~1.25 s
 FAST_DELTAS = 2000  # fast stream: 2,006 events, no delay
+REAL_DELTAS = 200  # a real-size request's answer: 206 events, no delay
 HOLD_DELTAS = 120  # held-open stream for the memory phase: 1 event/s for ~2 minutes (the client hangs up first)
 
 
@@ -28,6 +29,7 @@ def scenarios() -> dict[str, Scenario]:
         "json": Scenario(),
         "slow": Scenario(stream=True, event_delay=0.05, delta_count=SLOW_DELTAS, text="x" * SLOW_DELTAS),
         "fast": Scenario(stream=True, delta_count=FAST_DELTAS, text="y" * FAST_DELTAS),
+        "real": Scenario(stream=True, delta_count=REAL_DELTAS, text="w" * REAL_DELTAS),
         "hold": Scenario(stream=True, event_delay=1.0, delta_count=HOLD_DELTAS, text="z" * HOLD_DELTAS),
     }
 
