@@ -110,7 +110,7 @@ class Cluster:
             "    anthropic_api_key: bench-fake-upstream-key\n"
             "    allow_passthrough: false\n"
         )
-        argv = [sys.executable, "-m", "metrion_addon.cli", "-c", str(cfg), "--listen-host", "127.0.0.1",
+        argv = [sys.executable, "-m", "metrion_addon.cli", "proxy", "-c", str(cfg), "--listen-host", "127.0.0.1",
                 "--listen-port", "{port}", *(["--full"] if name == "full" else []), "--", "--set", confdir]  # fmt: skip
         return self._spawn(name, argv)
 
