@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import sqlite_utils
-
 if TYPE_CHECKING:
+    import sqlite_utils
+
     from metrion_addon.config import Config
     from metrion_addon.pgstore import PgStore
 
@@ -189,18 +189,21 @@ def migrate(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = connect(path)
     try:
-        db = sqlite_utils.Database(conn)
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("CREATE TABLE IF NOT EXISTS _metrion_migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
             done = {r[0] for r in conn.execute("SELECT name FROM _metrion_migrations")}
-            for m in MIGRATIONS:
-                if m.__name__ not in done:
-                    m(db)
-                    conn.execute(
-                        "INSERT INTO _metrion_migrations VALUES (?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
-                        (m.__name__,),
-                    )
+            if pending := [m for m in MIGRATIONS if m.__name__ not in done]:
+                # imported only to migrate: with it come click, pluggy and dateutil, 4 MB a running proxy
+                # whose database is up to date does not need
+                import sqlite_utils
+
+                db = sqlite_utils.Database(conn)
+            for m in pending:
+                m(db)
+                conn.execute(
+                    "INSERT INTO _metrion_migrations VALUES (?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))", (m.__name__,)
+                )
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
