@@ -12,6 +12,11 @@ fork, no patch), plus metrion's addon:
   policy as mitmdump (`block_global`, `block_private`); `ErrorCheck`: exit on start-up errors; `TermLog`: the
   log, with `termlog_verbosity`.
 
+It imports only those addons' modules. `mitmproxy/addons/__init__.py` imports all ~35 of mitmdump's default
+addons (for `default_addons()`), and with them ldap3, flask, werkzeug and jinja2: 11 MB of idle memory for code
+a lean proxy never runs. `run()` registers that package from its spec without executing the file, so each
+addon module loads on its own (see `without_package_inits`).
+
 Options of the loaded addons work as with mitmdump (`-- --set stream_large_bodies=1m`); an option of an addon
 that is not loaded is refused, naming `metrion-proxy --full` (mitmdump with every addon) as the way to get it.
 """
@@ -19,17 +24,13 @@ that is not loaded is refused, naming `metrion-proxy --full` (mitmdump with ever
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import io
 import logging
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
-
-from mitmproxy import exceptions, master, options
-from mitmproxy.addons import block, core, disable_h2c, errorcheck, next_layer, proxyserver, tlsconfig, update_alt_svc
-
-from metrion_addon.addon import Metrion
 
 FULL_HINT = (
     "metrion-proxy runs a lean mitmproxy with only the addons a metering proxy uses; for every mitmdump addon "
@@ -41,7 +42,59 @@ class ArgumentError(Exception):
     pass
 
 
+# Packages whose `__init__.py` imports far more than the lean proxy uses of them, and what it would cost.
+SKIPPED_INITS = {
+    # mitmdump's `default_addons()`: every default addon, and with them ldap3, flask, werkzeug, jinja2 (11 MB)
+    "mitmproxy.addons": "mitmproxy",
+    # `UpdatePrices` (fetching newer prices over HTTP, which metrion never does) and with it httpx2 (2.7 MB);
+    # pricing.py reads the bundled snapshot from `genai_prices.data_snapshot` and `genai_prices.types`
+    "genai_prices": None,
+}
+
+
+def without_package_inits() -> None:
+    """Make `from mitmproxy.addons import core` load that module alone, not the package's `__init__.py`; the
+    same for genai_prices (see SKIPPED_INITS).
+
+    Each package is registered from its own spec (its `__path__`), as a namespace package would be: the
+    library's files are untouched and each submodule imports as usual; only the package-level names its
+    `__init__.py` would define are missing, and the lean proxy uses none. Only for the lean proxy's own process,
+    before anything has imported those packages: a process that did already (mitmdump, the tests) keeps them.
+    """
+    for name, parent in SKIPPED_INITS.items():
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[name] = package
+        if parent is not None:  # what a completed import sets on the parent package
+            setattr(importlib.import_module(parent), name.rpartition(".")[2], package)
+
+
+def settle() -> None:
+    """Before the port opens: load the price table pricing reads (genai-prices' bundled snapshot, ~50 ms), so
+    that the first request does not pay for it on the event loop."""
+    from genai_prices import data_snapshot
+
+    data_snapshot.get_snapshot()
+
+
 def lean_addons() -> list[Any]:
+    from mitmproxy.addons import (
+        block,
+        core,
+        disable_h2c,
+        errorcheck,
+        next_layer,
+        proxyserver,
+        tlsconfig,
+        update_alt_svc,
+    )
+
+    from metrion_addon.addon import Metrion
+
     return [
         core.Core(),
         block.Block(),
@@ -79,12 +132,15 @@ def parse_extra(args: Sequence[str]) -> list[str]:
 def run(defaults: dict[str, Any], specs: Sequence[str], banner: str = "") -> None:
     """Serve until SIGINT/SIGTERM. `defaults` are option values; `specs` the user's `--set` on top of them;
     `banner` is printed to stderr once the options are accepted."""
+    without_package_inits()
     if isinstance(sys.stdout, io.TextIOWrapper):  # the log goes to stdout: to a pipe or journald, line by line
         sys.stdout.reconfigure(line_buffering=True)
     asyncio.run(_serve(defaults, specs, banner))
 
 
 async def _serve(defaults: dict[str, Any], specs: Sequence[str], banner: str) -> None:
+    from mitmproxy import exceptions, master, options
+
     logging.getLogger().setLevel(logging.DEBUG)  # as mitmdump: TermLog filters by termlog_verbosity
     for noisy in ("asyncio", "hpack", "quic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -100,6 +156,7 @@ async def _serve(defaults: dict[str, Any], specs: Sequence[str], banner: str) ->
     except (exceptions.OptionsError, ArgumentError) as e:
         print(f"metrion-proxy: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    settle()
     if banner:
         print(banner, file=sys.stderr)
     loop = asyncio.get_running_loop()
