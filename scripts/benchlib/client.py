@@ -120,10 +120,10 @@ Sample = tuple[float, float, float, int]  # start, first byte, end (perf_counter
 async def loop_requests(
     port: int, raw: bytes, conc: int, warm: float, duration: float
 ) -> tuple[list[Sample], int, float, float]:
-    """`conc` keep-alive connections each sending `raw` back to back.
+    """`conc` keep-alive connections each sending `raw` back to back until the window closes.
 
-    Returns the samples of requests started inside the measured window, the error count, and the window's
-    bounds.
+    Returns the samples of every request (the warm-up's too: a request that ends inside the window counts for
+    throughput, whenever it started), the error count, and the window's bounds.
     """
     conns = [Conn(port) for _ in range(conc)]
     samples: list[Sample] = []
@@ -146,7 +146,7 @@ async def loop_requests(
             t1 = time.perf_counter()
             if r.status != 200 or not r.nbytes:
                 errors += 1
-            elif t0 >= t_start:
+            else:
                 samples.append((t0, r.first_byte, t1, r.nbytes))
 
     try:

@@ -20,18 +20,19 @@ async def measure_loop(
     cpu0 = cpu_seconds(pid)
     samples, errors, t_start, t_stop = await loop_requests(port, raw, conc, warm, duration)
     cpu = cpu_seconds(pid) - cpu0
-    lat = [(e - s) * 1000 for s, _, e, _ in samples]
-    ttfb = [(f - s) * 1000 for s, f, _, _ in samples]
+    timed = [x for x in samples if x[0] >= t_start]  # latency: the requests started inside the window
+    lat = [(e - s) * 1000 for s, _, e, _ in timed]
+    ttfb = [(f - s) * 1000 for s, f, _, _ in timed]
     return {
         "p50": pct(lat, 50),
         "p90": pct(lat, 90),
         "p99": pct(lat, 99),
         "ttfb_p50": pct(ttfb, 50),
-        "rps": sum(1 for _, _, e, _ in samples if e <= t_stop) / (t_stop - t_start),
-        "n": len(samples),
+        "rps": sum(1 for _, _, e, _ in samples if t_start <= e <= t_stop) / (t_stop - t_start),
+        "n": len(timed),
         "errors": errors,
-        # CPU of the proxy over warm-up + window, per request in the window (the warm-up share is small)
-        "cpu_us": cpu * 1e6 / max(1, len(samples)) * duration / (duration + warm),
+        # CPU of the proxy over the whole run, per request served in it
+        "cpu_us": cpu * 1e6 / max(1, len(samples)),
     }
 
 
@@ -92,8 +93,10 @@ async def measure_slow_stream(port: int, conc: int, per_conn: int) -> dict[str, 
 
 async def measure_fast_stream(port: int, pid: int | None, warm: float, duration: float) -> dict[str, float]:
     cpu0 = cpu_seconds(pid)
-    samples, errors, _, _ = await loop_requests(port, build_request("fast", True), 1, warm, duration)
+    samples, errors, t_start, _ = await loop_requests(port, build_request("fast", True), 1, warm, duration)
     cpu = cpu_seconds(pid) - cpu0
+    per_stream_cpu = cpu / max(1, len(samples))
+    samples = [x for x in samples if x[0] >= t_start]  # timed: the streams started inside the window
     times = [e - s for s, _, e, _ in samples]
     busy = sum(times)
     nbytes = sum(b for *_, b in samples)
@@ -103,7 +106,7 @@ async def measure_fast_stream(port: int, pid: int | None, warm: float, duration:
         "stream_ms": pct([t * 1000 for t in times], 50),
         "n": len(samples),
         "errors": errors,
-        "cpu_us_per_event": cpu * 1e6 / max(1, len(samples)) / FAST_EVENTS * duration / (duration + warm),
+        "cpu_us_per_event": per_stream_cpu * 1e6 / FAST_EVENTS,
     }
 
 
