@@ -20,7 +20,7 @@ from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, AuthError, er
 from metrion_addon.batch_hooks import CLIENT_PATH
 from metrion_addon.config import ConfigError, load_config
 from metrion_addon.openai_compat import facts_for
-from metrion_addon.record import Pending, clean_label, finish, model_of, request_json, upstream_path
+from metrion_addon.record import Pending, clean_label, finish, model_of, request_json, request_model, upstream_path
 from metrion_addon.runtime import Runtime, StartError
 from metrion_addon.schema import iso_ms
 from metrion_addon.store import store_name
@@ -265,8 +265,13 @@ class Metrion:
         rt = self.rt
         try:
             raw = flow.request.raw_content or b""
-            body = request_json(raw, flow.request.headers.get("content-type", ""))  # parsed once, used twice
-            p.model = model_of(body)
+            ctype = flow.request.headers.get("content-type", "")
+            if rt.gate.reads_body(p.method, p.path, p.account, p.user):
+                body = request_json(raw, ctype)  # parsed once: the model and the budget estimate read it
+                p.model = model_of(body)
+            else:  # the model alone (record.request_model): the rest is not built as Python objects
+                body = None
+                p.model = request_model(raw, ctype)
             if p.local_error is not None or flow.response is not None:
                 return  # refused already; the model is only for the record
             if rt.config.budgets.block_unknown_models and p.model and not rt.pricer.knows(p.model, p.started):

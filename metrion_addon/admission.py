@@ -159,6 +159,14 @@ class Gate:
             return self._reserve(ticket, account, user, started, est.unreadable_body(length, top))
         return None, response_headers(check)
 
+    def reads_body(self, method: str, path: str, account: str | None, user: str | None) -> bool:
+        """Whether `at_body` reads the parsed body: a Messages request or a batch create under a hard budget.
+        Elsewhere the addon reads the model alone: up to 2 MB of a Claude Code body is not built as Python
+        objects on the event loop."""
+        if account is None or (path != MESSAGES_PATH and not is_batch_create(method, path)):
+            return False
+        return self.budgets.applies(account, user, hard_only=True)
+
     def at_body(
         self,
         ticket: Hashable,
@@ -173,9 +181,7 @@ class Gate:
         """The body is buffered: a Messages request reserves its worst-case cost, a batch create its batch's.
         (None, None): nothing changed."""
         batch = is_batch_create(method, path)
-        if (path != MESSAGES_PATH and not batch) or not self.budgets.open_ticket(ticket):
-            return None, None
-        if not self.budgets.applies(account, user, hard_only=True):
+        if not self.reads_body(method, path, account, user) or not self.budgets.open_ticket(ticket):
             return None, None
         unknown = self.max_rates(started) if self.settings.unknown_model == "max_rate" else None
         ts = datetime.fromtimestamp(started, UTC)
