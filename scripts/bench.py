@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlib.offline import measure_report, measure_writer  # noqa: E402
+from benchlib.offline import measure_hooks, measure_report, measure_writer  # noqa: E402
 from benchlib.output import load_average, machine, print_tables, write_markdown  # noqa: E402
 from benchlib.procs import ROOT, Cluster  # noqa: E402
 from benchlib.results import FULL, PHASES, QUICK, Plan, Results  # noqa: E402
@@ -132,6 +132,8 @@ def main() -> None:
             if "writer" in phases:
                 say(f"SQLite writer alone: {plan.writer_rows:,} rows sustained, then a burst of {plan.writer_burst:,}")
                 res.writer = measure_writer(tmp, plan.writer_rows, plan.writer_burst)
+                say("the addon's hooks in-process (mitmproxy's test flows), 3,000 requests")
+                res.hooks = measure_hooks(tmp, 3000)
             if "report" not in phases:
                 res.report_note = "skipped (--no-report / --only)"
             else:

@@ -128,6 +128,9 @@ def other_rows(res: Results) -> tuple[list[list[str]], list[list[str]]]:
         ]
         rps = w["rows_per_s"]
         checks.append(["SQLite writer rows/s", str(WRITER), fmt(rps, 0), verdict(WRITER.check(rps))])
+    if h := res.hooks:
+        each = ", ".join(f"{k} {v:.0f}" for k, v in h.items())
+        rows.append([f"addon hooks in-process, µs per request (median): {each}", f"{sum(h.values()):.0f} µs in all"])
     if res.report is not None:
         rows += [[f"report: {k}", f"{v:.3f} s" if k.endswith("_s") else fmt(v, 1)] for k, v in res.report.items()]
         for k, v in report_views(res.report).items():

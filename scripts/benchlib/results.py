@@ -96,6 +96,7 @@ class Results:
     # run -> target -> list of per-round metric dicts
     runs: dict[str, dict[str, list[dict[str, float]]]] = field(default_factory=dict)
     writer: dict[str, float] = field(default_factory=dict)
+    hooks: dict[str, float] = field(default_factory=dict)  # hook -> µs per request, in-process
     report: dict[str, float] | None = None
     report_note: str = ""
     profiles: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)  # (load, target) -> analysis
