@@ -212,8 +212,10 @@ def render_profiles(res: Results) -> str:
         parts.append(f"### Under {title}\n")
         for t, p in got.items():
             threads = ", ".join(f"{n} {v:.0f}%" for n, v in p["threads"])
+            shares = (f"{p['ours_pct']:.1f}% inside metrion_addon, {p['dispatch_pct']:.1f}% in mitmproxy's hook "
+                      "dispatch and its other addons (inclusive)")  # fmt: skip
             parts.append(f"- {TITLES[t]}: {p['samples']} samples (idle excluded); threads: {threads}; "
-                         f"{p['ours_pct']:.1f}% of event-loop samples inside metrion_addon (inclusive)")  # fmt: skip
+                         f"of the event loop's samples {shares}")  # fmt: skip
         parts.append("")
         parts.append(_side_by_side("event loop, self time by library", got, "areas"))
         parts.append(_side_by_side("event loop, hottest functions (self time)", got, "leaves"))
@@ -284,5 +286,6 @@ def print_tables(res: Results, say: Any) -> None:
         say("\n" + text_table(["measurement", "value"], others))
     say("\n" + text_table(OTHER_HEADER, checks))
     for (load, t), p in res.profiles.items():
-        say(f"\nprofile {load}/{t}: {p['ours_pct']:.1f}% of event-loop samples in metrion_addon; hottest: "
+        say(f"\nprofile {load}/{t}: loop samples {p['ours_pct']:.1f}% in metrion_addon, {p['dispatch_pct']:.1f}% in "
+            "hook dispatch; hottest: "
             + ", ".join(f"{f} {v:.1f}%" for f, v in p["leaves"][:5]))  # fmt: skip

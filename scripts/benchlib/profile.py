@@ -47,7 +47,7 @@ def analyse_stacks(raw: str) -> dict[str, Any]:
     its own.
     """
     threads: Counter[str] = Counter()
-    loop_total = loop_ours = 0
+    loop_total = loop_ours = loop_dispatch = 0
     per_func: Counter[str] = Counter()
     per_leaf_area: Counter[str] = Counter()
     per_leaf: Counter[str] = Counter()
@@ -63,14 +63,19 @@ def analyse_stacks(raw: str) -> dict[str, Any]:
             continue
         loop_total += n
         seen: set[str] = set()
+        dispatch = False
         for frame in frames[1:]:
             m = _FRAME.match(frame)
             if m and "metrion_addon" in m["file"] and Path(m["file"]).stem not in RUNNERS:
                 seen.add(f"{Path(m['file']).stem}.{m['func']}")
+            elif m and m["file"].endswith("mitmproxy/addonmanager.py"):
+                dispatch = True
         if seen:
             loop_ours += n
             for f in seen:
                 per_func[f] += n
+        elif dispatch:
+            loop_dispatch += n
         leaf = _FRAME.match(frames[-1])
         per_leaf_area[_area(leaf["file"] if leaf else "?")] += n
         per_leaf[f"{_area(leaf['file'])}: {Path(leaf['file']).stem}.{leaf['func']}" if leaf else "?"] += n
@@ -84,6 +89,8 @@ def analyse_stacks(raw: str) -> dict[str, Any]:
         "loop_samples": loop_total,
         "threads": [(t, 100 * n / total) for t, n in threads.most_common()] if total else [],
         "ours_pct": 100 * loop_ours / loop_total if loop_total else 0.0,
+        # mitmproxy running hooks (its addon manager, and every other addon's hooks), metrion's excluded
+        "dispatch_pct": 100 * loop_dispatch / loop_total if loop_total else 0.0,
         "funcs": share(per_func, 10),
         "areas": share(per_leaf_area, 8),
         "leaves": share(per_leaf, 10),
