@@ -75,7 +75,7 @@ class Proxy:
         finally:
             conn.close()
 
-    def wait_rows(self, where: str, params: tuple[Any, ...] = (), n: int = 1, timeout: float = 10) -> list[dict]:
+    def wait_rows(self, where: str, params: tuple[Any, ...] = (), n: int = 1, timeout: float = 30) -> list[dict]:
         deadline = time.monotonic() + timeout
         while True:
             rows = self.rows(where, params)

@@ -115,7 +115,7 @@ def test_gzip_results_and_path_prefix(proxy: Proxy, fake: FakeUpstream) -> None:
     assert rows["g-2"]["cost_usd"] == pytest.approx(batch_cost(5, 5, rd=900), abs=1e-12)
     assert rows["g-2"]["cache_read_input_tokens"] == 900
     url = f"{proxy.url}/api/proxy/v1/messages/batches/{batch.id}/results"
-    with httpx.Client() as h, h.stream("GET", url, headers={"x-api-key": MANAGED_TOKEN}) as r:
+    with httpx.Client(timeout=30) as h, h.stream("GET", url, headers={"x-api-key": MANAGED_TOKEN}) as r:
         wire = b"".join(r.iter_raw())
     assert r.headers["content-encoding"] == "gzip" and wire == fake.sent[r.headers["request-id"]]  # bytes unchanged
 

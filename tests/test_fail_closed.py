@@ -96,7 +96,10 @@ def test_hostile_strings_are_stored_cleaned_and_the_writer_keeps_writing(proxy: 
     for data in cases:
         assert send_raw(proxy.port, data).status in (200, 401)
     after = httpx.post(
-        proxy.url + "/v1/messages", content=BODY, headers={"x-api-key": MANAGED_TOKEN, "x-metrion-user": "after-bad"}
+        proxy.url + "/v1/messages",
+        content=BODY,
+        headers={"x-api-key": MANAGED_TOKEN, "x-metrion-user": "after-bad"},
+        timeout=30,
     )
     assert after.status_code == 200
     one_row(proxy, "user = ?", ("after-bad",))  # the writer did not stop at the bad rows
@@ -224,6 +227,7 @@ def test_billed_answer_without_readable_usage_is_flagged_not_free(proxy: Proxy, 
             "x-metrion-user": f"unreadable-{name}",
             "x-fake-scenario": f"unreadable-{name}",
         },
+        timeout=30,
     )
     assert r.status_code == 200
     row = one_row(proxy, "user = ?", (f"unreadable-{name}",))
@@ -234,7 +238,10 @@ def test_unreachable_upstream_answers_in_anthropic_json(tmp_path: Path) -> None:
     dead = start_proxy(tmp_path, f"http://127.0.0.1:{free_port()}")
     try:
         r = httpx.post(
-            dead.url + "/v1/messages", content=BODY, headers={"x-api-key": MANAGED_TOKEN, "x-metrion-user": "dead"}
+            dead.url + "/v1/messages",
+            content=BODY,
+            headers={"x-api-key": MANAGED_TOKEN, "x-metrion-user": "dead"},
+            timeout=30,
         )
         assert r.status_code == 502
         assert r.headers["content-type"] == "application/json"
@@ -311,7 +318,7 @@ def test_a_credential_pasted_into_a_label_is_not_stored(proxy: Proxy, fake: Fake
         "x-claude-code-session-id": "sk-ant-api03-pasted-here",
         "x-metrion-user": "pasted sk-metrion-whatever-0000",
     }
-    r = httpx.post(proxy.url + "/v1/messages", content=BODY, headers=headers)
+    r = httpx.post(proxy.url + "/v1/messages", content=BODY, headers=headers, timeout=30)
     assert r.status_code == 200
     row = proxy.row(r.headers["request-id"])
     assert (row["client"], row["session_id"], row["user"]) == ("<redacted by metrion>",) * 3

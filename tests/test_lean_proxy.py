@@ -74,7 +74,7 @@ def test_tls_clients_with_keep_alive(lean: Proxy, offer_h2: bool) -> None:
     url = lean.url.replace("http://", "https://") + "/v1/messages"
     body = {"model": MODEL, "max_tokens": 5, "messages": []}
     label = f"tls-client-{offer_h2}"
-    with httpx.Client(http2=offer_h2, verify=False) as c:
+    with httpx.Client(http2=offer_h2, verify=False, timeout=30) as c:
         responses = [
             c.post(url, json=body, headers={"x-api-key": MANAGED_TOKEN, "x-metrion-user": label}) for _ in "ab"
         ]
@@ -110,6 +110,7 @@ def test_https_upstream(tls_fake: FakeUpstream, tmp_path: Path) -> None:
             p.url + "/v1/messages",
             json={"model": MODEL, "max_tokens": 5, "messages": []},
             headers={"x-api-key": MANAGED_TOKEN, "x-metrion-user": "tls"},
+            timeout=30,
         )
         assert r.status_code == 200
         assert tls_fake.received[r.headers["request-id"]].headers["x-api-key"] == REAL_KEY
@@ -125,6 +126,7 @@ def test_sigterm_flushes_and_exits_cleanly(fake: FakeUpstream, tmp_path: Path) -
             p.url + "/v1/messages",
             content=json.dumps({"model": MODEL, "max_tokens": 5, "messages": []}),
             headers={"x-api-key": MANAGED_TOKEN, "x-metrion-user": "term"},
+            timeout=30,
         )
     p.proc.send_signal(signal.SIGTERM)
     assert p.proc.wait(30) == 0

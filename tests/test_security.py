@@ -80,7 +80,10 @@ def _exercise_every_credential_path(proxy: Proxy, fake: FakeUpstream) -> None:
         httpx.post(url, json={**BODY, "stream": True}, headers=h, timeout=10)
     with pytest.raises(httpx.RemoteProtocolError):
         httpx.post(
-            url, json={**BODY, "stream": True}, headers={"x-api-key": MANAGED_TOKEN, "x-fake-scenario": "sec-cut"}
+            url,
+            json={**BODY, "stream": True},
+            headers={"x-api-key": MANAGED_TOKEN, "x-fake-scenario": "sec-cut"},
+            timeout=30,
         )
     with httpx.stream(
         "POST",
