@@ -8,7 +8,7 @@ has flushed, so the new budget counters are seeded from every row the old one qu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metrion_addon.admission import Gate
 from metrion_addon.auth import Authenticator
@@ -16,9 +16,11 @@ from metrion_addon.batch_hooks import BatchHooks
 from metrion_addon.budget import Budgets, file_clock
 from metrion_addon.config import Config
 from metrion_addon.ops import Service
-from metrion_addon.pgstore import PgStore
 from metrion_addon.pricing import Pricer
 from metrion_addon.store import Store, connect, open_store
+
+if TYPE_CHECKING:  # psycopg (8 MB) loads only for a PostgreSQL database: open_store imports it then
+    from metrion_addon.pgstore import PgStore
 
 
 class StartError(Exception):

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-HEAVY = ("flask", "werkzeug", "jinja2", "ldap3", "httpx2", "sqlite_utils", "mitmproxy.tools.dump", "rich")
+HEAVY = ("flask", "werkzeug", "jinja2", "ldap3", "httpx2", "sqlite_utils", "mitmproxy.tools.dump", "rich", "psycopg")
 
 
 def loaded_after(code: str) -> list[str]:
