@@ -4,8 +4,10 @@ client and become one row per result, priced at batch rates, charged to the batc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+import time
 from pathlib import Path
 
 import anthropic
@@ -248,6 +250,16 @@ def test_managed_proxy_meters_batches_itself_across_restart(fake: FakeUpstream, 
         stop_proxy(second)
 
 
+def wait_for_batch(proxy: Proxy, batch_id: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.closing(sqlite3.connect(proxy.db, timeout=30)) as conn:
+            if conn.execute("SELECT 1 FROM batches WHERE id = ?", (batch_id,)).fetchone():
+                return
+        assert time.monotonic() < deadline, f"batch {batch_id} never recorded"
+        time.sleep(0.05)
+
+
 def test_report_by_batch_top_errors_and_summary(
     proxy: Proxy, fake: FakeUpstream, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -259,7 +271,8 @@ def test_report_by_batch_top_errors_and_summary(
     lab = anthropic.Anthropic(
         base_url=proxy.url, api_key="sk-ant-own", max_retries=0, default_headers={"x-metrion-token": PASS_TOKEN}
     )
-    lab.messages.batches.create(requests=[req("never-fetched")])  # type: ignore[list-item]  # pass-through: not polled
+    never = lab.messages.batches.create(requests=[req("never-fetched")])  # type: ignore[list-item]  # not polled
+    wait_for_batch(proxy, never.id)  # the batches table is written off the event loop: wait until it is in
 
     def report(*argv: str) -> dict:
         assert metrion_report.main([*argv, "--db", str(proxy.db), "--utc", "--json"]) == 0
