@@ -16,7 +16,6 @@ supported on it; they are read in case that changes.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from metrion_addon.usage import ResponseFacts, _str
@@ -99,14 +98,10 @@ class ChatCompletionFacts(ResponseFacts):
             return
         if event not in ("message", "error"):
             return
-        try:
-            obj = json.loads(data)
-        except (ValueError, RecursionError):
-            obj = None
-        if not isinstance(obj, dict):
-            self.parse_errors += 1
+        obj = self.json_object(data)
+        if obj is None:
             if event == "error":
-                self.error_type = "error"
+                self.error_type = "error"  # an unreadable error event is still an error
             return
         if event == "error":
             self._error(obj)

@@ -223,12 +223,8 @@ class ResponseFacts:
         self.events += 1
         if event not in self.WANTED_EVENTS:
             return  # content deltas and pings: not parsed at all
-        try:
-            obj = json.loads(data)
-        except (ValueError, RecursionError):
-            obj = None
-        if not isinstance(obj, dict):
-            self.parse_errors += 1
+        obj = self.json_object(data)
+        if obj is None:
             if event == "error":
                 self.error_type = "error"  # an unreadable error event is still an error
             return
