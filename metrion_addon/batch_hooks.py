@@ -67,8 +67,11 @@ class BatchHooks:
             return  # a body mitmproxy streamed (stream_large_bodies) cannot be rewritten
         try:
             raw = req.raw_content if "content-encoding" not in req.headers else None
-            prefix = batches.used_prefix(flow.metadata.get(CLIENT_PATH, ""), self.config.path_prefix)
-            base = batches.proxy_base(client.tls_established, client.sockname, prefix)
+            if self.config.public_url:  # behind a load balancer: the name clients use, not this socket
+                base = self.config.public_url
+            else:
+                prefix = batches.used_prefix(flow.metadata.get(CLIENT_PATH, ""), self.config.path_prefix)
+                base = batches.proxy_base(client.tls_established, client.sockname, prefix)
             who = (p.account, p.user, p.mode)
             upstream = f"{req.scheme}://{req.host}:{req.port}"
             body = resp.content or b""

@@ -80,6 +80,7 @@ class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8080
     path_prefix: str = ""
+    public_url: str = ""  # the proxy's base URL as clients reach it (behind a load balancer); "": as connected to
     database: Path = Path("metrion.db")  # the SQLite file; with database_url, the local spool
     database_url: str | None = None  # postgresql://... (fleet mode); secrets in it come from ${ENV}
     accounts: tuple[Account, ...] = ()
@@ -150,6 +151,7 @@ _TOP_KEYS = (
     "listen_host",
     "listen_port",
     "path_prefix",
+    "public_url",
     "database",
     "accounts",
     "pricing",
@@ -168,6 +170,7 @@ _PRICING_KEYS = ("overrides",)
 _OVERRIDE_KEYS = ("prefix", *_PRICE_FIELDS)
 _RECONCILE_KEYS = ("admin_api_key", "base_url")
 _URL_RE = re.compile(r"^https?://[^/\s]+$")
+_PUBLIC_URL_RE = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?(/[A-Za-z0-9._~\-/]*[A-Za-z0-9._~\-])?$")
 
 
 def _limits(ctx: Ctx, node: Node, where: str) -> tuple[Limit, ...]:
@@ -272,6 +275,14 @@ def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
         if value and (not value.startswith("/") or value.endswith("/") or "?" in value):
             raise ctx.fail("path_prefix", prefix, "must start with '/' and not end with '/' (e.g. /api/proxy)")
         kw["path_prefix"] = value
+    if "public_url" in top:
+        public = ctx.string(top["public_url"], "public_url")
+        if not _PUBLIC_URL_RE.match(public):
+            raise ctx.fail(
+                "public_url", top["public_url"], "must be a URL like https://metrion.example.com or "
+                "https://gw.example.com/api/proxy (scheme, host, optional port and path; no query, no trailing '/')"
+            )
+        kw["public_url"] = public
     db_value = ctx.string(top["database"], "database") if "database" in top else "metrion.db"
     if db_value.startswith(("postgresql://", "postgres://")):
         # PostgreSQL: the password comes from ${VAR} in the URL, or libpq's PGPASSWORD / .pgpass. Rows that

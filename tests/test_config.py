@@ -62,6 +62,10 @@ CASES: list[tuple[str, str, dict[str, str], str]] = [
         "field 'pricing.overrides[0].input': must be a number",
     ),
     ("no-accounts", "listen_port: 8080\n", {}, "field 'accounts': required"),
+    ("public-url-slash", "public_url: https://gw.example.com/\n" + account(), {}, "field 'public_url': must be a URL"),
+    ("public-url-query", "public_url: https://gw.example.com/p?x=1\n" + account(), {}, "field 'public_url': must be"),
+    ("public-url-scheme", "public_url: ftp://gw.example.com\n" + account(), {}, "field 'public_url': must be a URL"),
+    ("public-url-markup", 'public_url: "https://gw.example.com/<b>"\n' + account(), {}, "field 'public_url': must"),
 ]
 
 

@@ -122,6 +122,20 @@ def test_gzip_results_and_path_prefix(proxy: Proxy, fake: FakeUpstream) -> None:
     assert r.headers["content-encoding"] == "gzip" and wire == fake.sent[r.headers["request-id"]]  # bytes unchanged
 
 
+def test_public_url_names_results_behind_a_load_balancer(fake: FakeUpstream, tmp_path: Path) -> None:
+    """Behind a load balancer the proxy's own socket is not what clients reach: `public_url` is used instead."""
+    public = "https://metrion.example.com/gw"
+    proxy = start_proxy(tmp_path, fake.url, extra_config=f"public_url: {public}\n")
+    try:
+        c = sdk(proxy, "lb")
+        batch = c.messages.batches.create(requests=[req("lb-1")])  # type: ignore[list-item]
+        assert batch.results_url is None  # not ended yet
+        got = c.messages.batches.retrieve(batch.id)
+        assert got.results_url == f"{public}/v1/messages/batches/{batch.id}/results"
+    finally:
+        stop_proxy(proxy)
+
+
 def test_partial_download_counts_what_it_read_then_completes(proxy: Proxy, fake: FakeUpstream) -> None:
     c = sdk(proxy, "partial")
     reqs = [req(f"p-{i}", 10 + i, 1) for i in range(6)]
