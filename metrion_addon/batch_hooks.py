@@ -27,7 +27,12 @@ class BatchHooks:
     def __init__(self, config: Config, pricer: Pricer, store: Any, gate: Gate, poll_seconds: float) -> None:
         self.config, self.store, self.gate = config, store, gate  # store: SQLite or PostgreSQL, put() only
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.recorder = BatchRecorder(config.database, pricer, self._row, self._seen)
+        shared = None
+        if config.database_url:  # fleet mode: batches are shared through PostgreSQL (psycopg is loaded already)
+            from metrion_addon.pgbatches import SharedBatches
+
+            shared = SharedBatches(config.database_url)
+        self.recorder = BatchRecorder(config.database, pricer, self._row, self._seen, shared)
         keys = {a.name: a.anthropic_api_key for a in config.accounts if a.anthropic_api_key}
         self.poller = BatchPoller(config.database, self.recorder, keys, poll_seconds) if poll_seconds > 0 else None
 

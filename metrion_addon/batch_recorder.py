@@ -5,6 +5,9 @@ owns a connection: it records batches with their creator, looks up whose a resul
 exactly once (the custom_ids of a batch already stored are loaded once, then remembered; the database's
 unique index on batch_id + custom_id backs this up across proxies), prices it and hands the row to
 `deliver` (the request store's queue and the budgets).
+
+In fleet mode (`shared`, pgbatches.py) the batches are also kept in PostgreSQL: a result read by any proxy of
+the fleet is charged to the batch's creator, and the results recorded by any proxy are known.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from metrion_addon.batch_budget import billable_count
 from metrion_addon.batches import (
@@ -35,6 +38,9 @@ from metrion_addon.pricing import Pricer
 from metrion_addon.schema import iso_ms
 from metrion_addon.store import connect
 
+if TYPE_CHECKING:  # psycopg loads only in fleet mode
+    from metrion_addon.pgbatches import SharedBatches
+
 log = logging.getLogger(__name__)
 
 _STOP = object()
@@ -48,11 +54,13 @@ class BatchRecorder:
         pricer: Pricer,
         deliver: Callable[[dict[str, Any]], None],
         on_seen: Callable[[list[dict[str, Any]]], None] | None = None,
+        shared: SharedBatches | None = None,
     ) -> None:
         self.path = path
         self.pricer = pricer
         self.deliver = deliver
         self.on_seen = on_seen  # batch objects read by the poller (on this thread): budgets learn which ended
+        self.shared = shared  # fleet mode: the batches table in PostgreSQL
         self.recorded = 0
         self.duplicates = 0
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
@@ -139,6 +147,8 @@ class BatchRecorder:
                     conn = None
         if conn is not None:
             conn.close()
+        if self.shared is not None:
+            self.shared.close()
 
     def _on_call(self, conn: Any, fn: Callable[[], None]) -> None:
         fn()
@@ -148,15 +158,20 @@ class BatchRecorder:
     ) -> None:
         count, models = request_summary(body) if body else (None, [])
         account, user, mode = who
-        for o in objs:
+        records = [
+            (o["id"], iso_ms(now), account, user, mode, count, json.dumps(models), *_status(o), upstream) for o in objs
+        ]
+        for record in records:
             conn.execute(
                 "INSERT OR IGNORE INTO batches (id, ts, account, user, mode, request_count, models, "
                 "processing_status, created_at, ended_at, upstream_results_url, upstream) "
                 "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (o["id"], iso_ms(now), account, user, mode, count, json.dumps(models), *_status(o), upstream),
+                record,
             )
-            self._meta.pop(o["id"], None)
+            self._meta.pop(record[0], None)
         self._billable(conn, objs)
+        if self.shared is not None:
+            self.shared.created(records)
 
     def _on_reserved(self, conn: Any, batch_id: str, usd: float, started: float, requests: int) -> None:
         conn.execute(
@@ -179,6 +194,8 @@ class BatchRecorder:
                 "upstream_results_url = coalesce(?, upstream_results_url) WHERE id = ?",
                 (status, ended, url, o["id"]),
             )
+            if self.shared is not None:
+                self.shared.seen(o["id"], status, ended, url)
             self._meta.pop(o["id"], None)  # its end time may be known now
         self._billable(conn, objs)
         if self.on_seen is not None:
@@ -202,13 +219,18 @@ class BatchRecorder:
             "UPDATE batches SET results_recorded = ?, metered_at = CASE WHEN ? THEN ? ELSE metered_at END WHERE id = ?",
             (n, int(complete), iso_ms(now), batch_id),
         )
+        if self.shared is not None:
+            self.shared.fetched(batch_id, n, iso_ms(now) if complete else None)
 
     def _stored(self, conn: Any, batch_id: str) -> set[str]:
-        """The custom_ids of this batch already recorded (from the database once, then kept here)."""
+        """The custom_ids of this batch already recorded (from the database once, then kept here; in fleet mode
+        also those any proxy has written to PostgreSQL)."""
         seen = self._seen.get(batch_id)
         if seen is None:
             rows = conn.execute("SELECT custom_id FROM requests WHERE batch_id = ?", (batch_id,))
             seen = self._seen[batch_id] = {r[0] for r in rows}
+            if self.shared is not None:
+                seen |= self.shared.stored(batch_id) or set()
             while len(self._seen) > CACHED_BATCHES:
                 self._seen.popitem(last=False)
         self._seen.move_to_end(batch_id)
@@ -220,6 +242,8 @@ class BatchRecorder:
             row = conn.execute(
                 "SELECT account, user, mode, ended_at, created_at FROM batches WHERE id = ?", (batch_id,)
             ).fetchone()
+            if row is None and self.shared is not None:  # created through another proxy of the fleet
+                row = self.shared.creator(batch_id)
             if row is None:  # not created through this proxy: charged to whoever fetches its results
                 account, user, mode = fetcher
                 ts = now

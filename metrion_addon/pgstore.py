@@ -31,6 +31,7 @@ from typing import Any
 
 import psycopg
 
+from metrion_addon.pgbatches import create_batches_table
 from metrion_addon.schema import COLUMNS, INSERT_COLUMNS
 from metrion_addon.store import connect, migrate, new_row_id
 
@@ -79,7 +80,7 @@ def _create_requests(conn: psycopg.Connection[Any]) -> None:
         conn.execute(f"CREATE INDEX ON requests ({', '.join(_q(c) for c in cols_)})")
 
 
-PG_MIGRATIONS: list[Callable[[psycopg.Connection[Any]], None]] = [_create_requests]
+PG_MIGRATIONS: list[Callable[[psycopg.Connection[Any]], None]] = [_create_requests, create_batches_table]
 
 
 def pg_migrate(conn: psycopg.Connection[Any]) -> None:
