@@ -16,6 +16,7 @@ that fails falls back to the local table, as before (results then go to whoever 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ import psycopg
 
 log = logging.getLogger(__name__)
 
+RETRY_SECONDS = 5.0  # after a failure, lookups use the local table for this long (no connect timeout each time)
 MAX_PENDING = 10_000  # creator records waiting for the server (each is a few hundred bytes)
 COLUMNS = (
     "id, ts, account, \"user\", mode, request_count, models, processing_status, created_at, ended_at, "
@@ -49,6 +51,7 @@ class SharedBatches:
         self._conn: psycopg.Connection[Any] | None = None
         self._pending: list[tuple[Any, ...]] = []  # creator records the server has not taken yet
         self._failing = False
+        self._retry_at = 0.0
 
     def close(self) -> None:
         if self._conn is not None:
@@ -113,6 +116,8 @@ class SharedBatches:
             self._pending.clear()
 
     def _run(self, op: Any) -> Any:
+        if self._failing and time.monotonic() < self._retry_at:
+            return None
         try:
             if self._conn is None:
                 self._conn = psycopg.connect(self.url, connect_timeout=self.connect_timeout, autocommit=True)
@@ -123,6 +128,7 @@ class SharedBatches:
                 name = type(e).__name__
                 log.warning("metrion: the shared batches table is unavailable (%s); using the local one", name)
             self._failing = True
+            self._retry_at = time.monotonic() + RETRY_SECONDS
             self.close()
             return None
         if self._failing:

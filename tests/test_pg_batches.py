@@ -111,3 +111,26 @@ def test_results_read_through_another_proxy_are_charged_to_the_creator(
     finally:
         stop_proxy(a)
         stop_proxy(b)
+
+
+def test_shared_batches_keep_creators_through_an_outage(pg: PgServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch created while PostgreSQL is away is written to the shared table once it is back; meanwhile the
+    lookups answer None (the caller uses its local table) instead of raising."""
+    from metrion_addon import pgbatches
+    from metrion_addon.pgstore import pg_migrate
+
+    monkeypatch.setattr(pgbatches, "RETRY_SECONDS", 0.0)
+    with psycopg.connect(pg.url) as conn:
+        pg_migrate(conn)
+    shared = pgbatches.SharedBatches(pg.url, connect_timeout=1)
+    record = ("msgbatch_outage", "2026-12-02T00:00:00.000Z", "acme", "ann", "managed", 1, "[]", *[None] * 4, "u")
+    pg.stop_server()
+    try:
+        shared.created([record])
+        assert shared.creator("msgbatch_outage") is None
+        assert shared.stored("msgbatch_outage") is None
+    finally:
+        pg.start_server()
+    assert shared.creator("msgbatch_outage") == ("acme", "ann", "managed", None, None)
+    assert shared.stored("msgbatch_outage") == set()
+    shared.close()
