@@ -33,15 +33,16 @@ COLUMNS = (
 
 
 def create_batches_table(conn: psycopg.Connection[Any]) -> None:
-    """PostgreSQL migration: the shared `batches` table (the SQLite one's columns; times as ISO text, as there)."""
+    """PostgreSQL migration: the shared `batches` table (the SQLite one's columns; times as ISO text, as there).
+    Idempotent: a database whose `requests` table was dropped and made again keeps its batches."""
     conn.execute(
-        'CREATE TABLE batches (id text PRIMARY KEY, ts text NOT NULL, account text, "user" text, mode text, '
-        "request_count bigint, models text, processing_status text, created_at text, ended_at text, "
+        'CREATE TABLE IF NOT EXISTS batches (id text PRIMARY KEY, ts text NOT NULL, account text, "user" text, '
+        "mode text, request_count bigint, models text, processing_status text, created_at text, ended_at text, "
         "upstream_results_url text, results_recorded bigint NOT NULL DEFAULT 0, metered_at text, upstream text, "
         "polls bigint NOT NULL DEFAULT 0, next_poll_at text, poll_failures bigint NOT NULL DEFAULT 0, "
         "reserved_usd double precision, reserved_at text, billable_count bigint)"
     )
-    conn.execute("CREATE INDEX ON requests (batch_id) WHERE batch_id IS NOT NULL")
+    conn.execute("CREATE INDEX IF NOT EXISTS requests_batch_id ON requests (batch_id) WHERE batch_id IS NOT NULL")
 
 
 class SharedBatches:

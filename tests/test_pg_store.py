@@ -43,7 +43,7 @@ def pg() -> Iterator[PgServer]:
 def url(pg: PgServer) -> Iterator[str]:
     yield pg.url
     with psycopg.connect(pg.url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS requests, batches, _metrion_migrations")
+        conn.execute("DROP TABLE IF EXISTS requests, _metrion_migrations")
 
 
 def rows(url: str, sql: str = "SELECT * FROM requests ORDER BY id") -> list[dict[str, Any]]:
