@@ -6,6 +6,9 @@ is skipped, so running the copy again (or after an interruption) copies only wha
 before `row_id` existed get one derived from their source position (a UUIDv5 of the source's id and time), the
 same on every run, so they too are copied once. Money goes from REAL to numeric and back, times from the
 stored text to `timestamptz` and back, without loss beyond REAL's own precision.
+
+The `batches` table (Message Batches created through the proxy: their creators, for results read later) is
+copied too; a batch the destination already has is kept as it is there.
 """
 
 from __future__ import annotations
@@ -101,6 +104,49 @@ def read_rows(src: str, where: str = "", params: Sequence[Any] = ()) -> tuple[in
     return total, sqlite_chunks()
 
 
+BATCH_COLUMNS = (
+    "id",
+    "ts",
+    "account",
+    "user",
+    "mode",
+    "request_count",
+    "models",
+    "processing_status",
+    "created_at",
+    "ended_at",
+    "upstream_results_url",
+    "results_recorded",
+    "metered_at",
+    "upstream",
+    "polls",
+    "next_poll_at",
+    "poll_failures",
+    "reserved_usd",
+    "reserved_at",
+    "billable_count",
+)
+
+
+def read_batches(src: str) -> list[tuple[Any, ...]]:
+    """Every row of the source's `batches` table (none when it has no such table)."""
+    cols = ", ".join(f'"{c}"' for c in BATCH_COLUMNS)
+    if is_pg_url(src):
+        import psycopg
+
+        with psycopg.connect(src) as conn:
+            if conn.execute("SELECT to_regclass('batches')").fetchone() == (None,):
+                return []
+            return conn.execute(f"SELECT {cols} FROM batches ORDER BY id").fetchall()
+    conn = sqlite3.connect(f"file:{src}?mode=ro", uri=True)
+    try:
+        return conn.execute(f"SELECT {cols} FROM batches ORDER BY id").fetchall()
+    except sqlite3.OperationalError:  # a history from before batches were kept
+        return []
+    finally:
+        conn.close()
+
+
 class Writer:
     """Inserts chunks into the destination, skipping rows whose row_id it already has; counts the new ones."""
 
@@ -128,14 +174,28 @@ class Writer:
             )
         return self.sqlite.total_changes - before
 
+    def write_batches(self, batches: list[tuple[Any, ...]]) -> int:
+        cols = ", ".join(f'"{c}"' for c in BATCH_COLUMNS)
+        if self.pg is not None:
+            marks = ", ".join(["%s"] * len(BATCH_COLUMNS))
+            with self.pg.transaction(), self.pg.cursor() as cur:
+                cur.executemany(f"INSERT INTO batches ({cols}) VALUES ({marks}) ON CONFLICT (id) DO NOTHING", batches)
+                return max(0, cur.rowcount)
+        assert self.sqlite is not None
+        before = self.sqlite.total_changes
+        with self.sqlite:
+            marks = ", ".join("?" * len(BATCH_COLUMNS))
+            self.sqlite.executemany(f"INSERT OR IGNORE INTO batches ({cols}) VALUES ({marks})", batches)
+        return self.sqlite.total_changes - before
+
     def close(self) -> None:
         for conn in (self.pg, self.sqlite):
             if conn is not None:
                 conn.close()
 
 
-def copy(src: str, dst: str, progress: bool = True) -> tuple[int, int]:
-    """(rows read, rows new in the destination)."""
+def copy(src: str, dst: str, progress: bool = True) -> tuple[int, int, int]:
+    """(rows read, rows new in the destination, batches new in the destination)."""
     from rich.progress import Progress
 
     total, chunks = read_rows(src)
@@ -148,9 +208,10 @@ def copy(src: str, dst: str, progress: bool = True) -> tuple[int, int]:
                 new += writer.write(rows)
                 read += len(rows)
                 bar.update(task, advance=len(rows))
+        batches = writer.write_batches(read_batches(src))
     finally:
         writer.close()
-    return read, new
+    return read, new, batches
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     cp.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
-        read, new = copy(args.src, args.dst, progress=not args.quiet and sys.stderr.isatty())
+        read, new, batches = copy(args.src, args.dst, progress=not args.quiet and sys.stderr.isatty())
     except Exception as e:  # a database error: one line, no traceback, no password
         msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         for side in (args.src, args.dst):
@@ -170,5 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"metrion db copy: {msg}", file=sys.stderr)
         return 1
     shown_dst = redacted(args.dst) if is_pg_url(args.dst) else args.dst
-    print(f"metrion db copy: {read:,} rows read, {new:,} new in {shown_dst}, {read - new:,} already there")
+    print(f"metrion db copy: {read:,} rows read, {new:,} new in {shown_dst}, {read - new:,} already there", end="")
+    print(f"; {batches:,} batch{'es' if batches != 1 else ''} new" if batches else "")
     return 0

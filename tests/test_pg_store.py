@@ -43,7 +43,7 @@ def pg() -> Iterator[PgServer]:
 def url(pg: PgServer) -> Iterator[str]:
     yield pg.url
     with psycopg.connect(pg.url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS requests, _metrion_migrations")
+        conn.execute("DROP TABLE IF EXISTS requests, batches, _metrion_migrations")
 
 
 def rows(url: str, sql: str = "SELECT * FROM requests ORDER BY id") -> list[dict[str, Any]]:
@@ -228,17 +228,29 @@ def test_db_copy_sqlite_to_postgresql_and_back_is_idempotent(
     s.close()
     with sqlite3.connect(src) as conn:  # rows from before row_id existed
         conn.execute("UPDATE requests SET row_id = NULL WHERE id <= 20")
+        conn.execute(  # a batch created through the proxy: its creator goes along
+            "INSERT INTO batches (id, ts, account, user, mode, request_count, reserved_usd) "
+            "VALUES ('msgbatch_copy', '2026-12-01T10:00:00.000Z', 'acme', 'ann', 'managed', 3, 0.25)"
+        )
     conn.close()
 
     assert main(["db", "copy", str(src), url, "--quiet"]) == 0
     assert "120 rows read, 120 new" in capsys.readouterr().out
     assert main(["db", "copy", str(src), url, "--quiet"]) == 0  # again: nothing new, nothing doubled
-    assert "120 rows read, 0 new" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "120 rows read, 0 new" in out and "batches" not in out
     assert len(rows(url)) == 120
+    got = rows(url, "SELECT id, account, \"user\", request_count, reserved_usd FROM batches")
+    assert got == [{"id": "msgbatch_copy", "account": "acme", "user": "ann", "request_count": 3, "reserved_usd": 0.25}]
 
     back = tmp_path / "back.db"
     assert main(["db", "copy", url, str(back), "--quiet"]) == 0
     assert "120 rows read, 120 new" in capsys.readouterr().out
+    with sqlite3.connect(back) as conn:
+        assert conn.execute("SELECT id, user, ts FROM batches").fetchall() == [
+            ("msgbatch_copy", "ann", "2026-12-01T10:00:00.000Z")
+        ]
+    conn.close()
     cols = "ts, account, user, stream, input_tokens, round(cost_usd, 9)"
     with sqlite3.connect(src) as a, sqlite3.connect(back) as b:
         assert (
