@@ -15,14 +15,15 @@ import time
 from mitmproxy import connection, ctx, exceptions, http
 
 from metrion_addon import mitm_errors, ops, record
+from metrion_addon.accountant import Finished, account
 from metrion_addon.admission import Refusal, user_for
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, AuthError, error_body
 from metrion_addon.batch_hooks import CLIENT_PATH
 from metrion_addon.config import ConfigError, load_config
 from metrion_addon.openai_compat import facts_for
-from metrion_addon.record import Pending, clean_label, finish, model_of, request_json, request_model, upstream_path
+from metrion_addon.record import Pending, clean_label, model_of, request_json, request_model, upstream_path
+from metrion_addon.reqtap import RequestTap
 from metrion_addon.runtime import Runtime, StartError
-from metrion_addon.schema import iso_ms
 from metrion_addon.store import store_name
 from metrion_addon.text import is_clean_token
 from metrion_addon.usage import JsonTap, StreamTap
@@ -41,6 +42,11 @@ REFUSAL_BODY_MAX = 4 * 1024 * 1024
 # `body_size_limit` when the user sets none (mitmproxy then refuses larger bodies before reading them).
 DEFAULT_BODY_SIZE_LIMIT = "256m"
 # The addon's options that the runtime is built from: a change to any of them rebuilds it.
+# Request bodies at least this large go upstream as they arrive (reqtap.py reads the model on the side), unless
+# something must read the whole body before forwarding: a hard budget's estimate, or the unknown-model refusal.
+STREAM_BODY_MIN = 16 * 1024
+# The endpoints whose body names a model and nothing else the proxy reads (a batch create's is read whole).
+STREAMED_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"})
 RUNTIME_OPTIONS = frozenset(
     {"metrion_config", "metrion_max_backlog", "metrion_test_clock", "metrion_batch_poll_seconds"}
 )
@@ -255,6 +261,8 @@ class Metrion:
             del req.headers[name]  # a client that copied its proxy token into another header: it stays here
         for name, value in decision.set_headers.items():
             req.headers[name] = value
+        if _streams_body(req, p, rt):  # last: nothing refuses the request after this
+            p.body_tap = req.stream = RequestTap(req.headers.get("content-type", ""))
         flow.response = None  # admitted
 
     def request(self, flow: http.HTTPFlow) -> None:
@@ -374,18 +382,14 @@ class Metrion:
         if p is None or flow.response is None:
             return
         resp = flow.response
+        body = None  # a buffered answer: read (usage, count_tokens' count) on the accounting side, off the loop
         if not p.streamed and p.local_error is None and resp.stream is False:
-            try:
-                body = resp.content
-            except ValueError:  # undecodable content-encoding: forwarded as is, not readable
-                body = None
-                p.facts.parse_errors += 1
-            if body:
-                p.facts.from_json_body(body)
-                p.counted_tokens = record.counted_tokens(p.path, resp.status_code, body)
+            body = resp.raw_content or None  # as received: batches.response may rewrite what the client gets
         if p.local_error is None and self.rt is not None:
             self.rt.batches.response(flow, p)  # batch objects: kept, and results_url pointed at this proxy
-        self._record(flow, p, resp.status_code, resp.timestamp_start, resp.timestamp_end or time.time())
+        ended = resp.timestamp_end or time.time()
+        encoding = resp.headers.get("content-encoding") if body else None
+        self._record(flow, p, resp.status_code, resp.timestamp_start, ended, body=body, encoding=encoding)
 
     def error(self, flow: http.HTTPFlow) -> None:
         redact_credentials(flow.request.headers)
@@ -419,11 +423,13 @@ class Metrion:
         ended_at: float,
         error: str | None = None,
         error_message: str | None = None,
+        body: bytes | None = None,
+        encoding: str | None = None,
     ) -> None:
         if self.rt is not None:
             self.rt.batches.fetch_ended(p)
         request_id = flow.response.headers.get("request-id") if flow.response is not None else None
-        self._store(p, status, request_id, headers_at, ended_at, error, error_message)
+        self._store(p, status, request_id, headers_at, ended_at, error, error_message, body, encoding)
 
     def _store(
         self,
@@ -434,43 +440,40 @@ class Metrion:
         ended_at: float,
         error: str | None = None,
         error_message: str | None = None,
+        body: bytes | None = None,
+        encoding: str | None = None,
     ) -> None:
-        """Build the row, queue it for the writer, and settle its reservation with its real cost."""
+        """Hand the request over for its row (accountant.py). Under a budget the row is built here, on the loop:
+        its real cost replaces its reservation before the client sees the end of the answer (mitmproxy sends the
+        last bytes after this hook), so a client's next request is checked against what this one cost. Elsewhere
+        usage, price and row are made on the accounting thread."""
         rt = self.rt
         if rt is None:
             return
         if shift := self._shift():
             ended_at += shift
             headers_at = headers_at + shift if headers_at is not None else None
-        try:
-            row = finish(
-                p,
-                pricer=rt.pricer,
-                status=status,
-                request_id=request_id,
-                headers_at=headers_at,
-                ended_at=ended_at,
-                error=error,
-                error_message=error_message,
-            )
-        except Exception:  # never lose the row over a bug in accounting: keep what is certain
-            log.exception("metrion: failed to account a request; recording it without usage")
-            row = {
-                "ts": iso_ms(p.started),
-                "account": p.account,
-                "user": p.user,
-                "mode": p.mode,
-                "method": p.method,
-                "path": p.path,
-                "model": p.model,
-                "stream": int(p.streamed),
-                "status": status,
-                "completed": 0,
-                "error": "metrion_internal_error",
-            }
-        rt.gate.settle_row(id(p), row, p.started)  # the real cost replaces the reservation (id(p): alive till now)
-        rt.store.put(row)
-        self.ops.observe(row)  # metrics and the request log, on the observer thread
+        job = Finished(p, status, request_id, headers_at, ended_at, error, error_message, body, encoding)
+        if p.account is not None and rt.budgets.applies(p.account, p.user):
+            row = account(job, rt.pricer)
+            rt.gate.settle_row(id(p), row, p.started)  # the real cost replaces the reservation (id(p): alive)
+            rt.accountant.submit(row)
+        else:
+            rt.accountant.submit(job)
+
+
+def _streams_body(req: http.Request, p: Pending, rt: Runtime) -> bool:
+    """Whether an admitted request's body goes upstream as it arrives, its model read on the side (reqtap.py).
+    Only with a Content-Length (mitmproxy has checked it against body_size_limit), and only where nothing needs
+    the whole body before forwarding."""
+    if req.stream is True:  # mitmproxy streams it anyway (over stream_large_bodies): the model is read too
+        return True
+    if req.stream or p.method != "POST" or p.path not in STREAMED_PATHS or "transfer-encoding" in req.headers:
+        return False
+    if rt.config.budgets.block_unknown_models or rt.gate.reads_body(p.method, p.path, p.account, p.user):
+        return False
+    length = req.headers.get("content-length", "")
+    return length.isascii() and length.isdigit() and int(length) >= STREAM_BODY_MIN
 
 
 def _large_or_unknown_body(req: http.Request) -> bool:

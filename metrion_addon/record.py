@@ -130,6 +130,7 @@ class Pending:
     streamed: bool = False
     tap: StreamTap | JsonTap | None = None
     facts: ResponseFacts = field(default_factory=ResponseFacts)
+    body_tap: Any = None  # reqtap.RequestTap of a request body streamed upstream: the model is read from it
 
 
 def tap_failed(p: Pending) -> bool:
@@ -148,6 +149,8 @@ def finish(
     error_message: str | None = None,
 ) -> RequestRow:
     """The row for a finished request. `error` is the transport-level failure, if any (client_disconnect...)."""
+    if p.model is None and p.body_tap is not None:
+        p.model = p.body_tap.model()  # a streamed body: read on the side (at the end, a copy, off the loop)
     f = p.facts
     usage = f.usage
     model = p.model or clean_text(f.model, MODEL_MAX)

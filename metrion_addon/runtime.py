@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from metrion_addon.accountant import Accountant
 from metrion_addon.admission import Gate
 from metrion_addon.auth import Authenticator
 from metrion_addon.batch_hooks import BatchHooks
@@ -35,6 +36,7 @@ class Runtime:
     store: Store | PgStore
     gate: Gate  # budget admission: reservations, alerts (admission.py)
     batches: BatchHooks
+    accountant: Accountant  # rows are built and handed to the store on its thread, off the event loop
 
     @property
     def budgets(self) -> Budgets:
@@ -60,9 +62,11 @@ class Runtime:
             raise StartError(str(e)) from None
         batches = BatchHooks(config, pricer, ops.observed(store), gate, options.metrion_batch_poll_seconds)
         batches.start()  # batch result rows go through ops.observed: metrics and logs see them too
-        return cls(config, Authenticator(config.accounts), pricer, store, gate, batches)
+        accountant = Accountant(pricer, ops.observed(store)).start()  # request rows too
+        return cls(config, Authenticator(config.accounts), pricer, store, gate, batches, accountant)
 
     def close(self) -> None:
         self.batches.close()  # its last result rows go to the store before that closes
+        self.accountant.close()  # and every request row handed over
         self.store.close()
         self.gate.close()

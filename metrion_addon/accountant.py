@@ -1,0 +1,149 @@
+"""Accounting off the event loop: a finished request's facts -> its row, on a thread of its own.
+
+The response and error hooks hand over what they know (the request's `Pending`, which the loop no longer
+touches, the status, times, and the raw JSON answer) and return. This thread reads the answer's usage, prices it,
+builds the row and hands it to the store and the observer. One queue, in hand-over order: a row built on the
+loop (a request under a budget, whose real cost must replace its reservation before the client sees the end of
+the answer) goes through the same queue as a finished row, so rows reach the store in the order requests ended.
+
+Every request still leaves exactly one row: a job that fails to account is stored with what is certain, and
+`close()` drains the queue before the store closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from metrion_addon import record
+from metrion_addon.pricing import Pricer
+from metrion_addon.record import Pending, finish
+from metrion_addon.schema import RequestRow, iso_ms
+from metrion_addon.sse import incremental_decoder
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A request that has ended, as the hook saw it. `body` is the raw (content-encoded) JSON answer when it was
+    buffered and not read yet; `encoding` its content-encoding."""
+
+    p: Pending
+    status: int | None
+    request_id: str | None
+    headers_at: float | None
+    ended_at: float
+    error: str | None = None
+    error_message: str | None = None
+    body: bytes | None = None
+    encoding: str | None = None
+
+
+def decode(raw: bytes, encoding: str | None) -> bytes:
+    """A buffered body, content-decoded (gzip, deflate, br, zstd); ValueError when it cannot be. Not mitmproxy's
+    `.content`: its decoder keeps a module-level cache that is not safe to share with the event loop's thread."""
+    if not encoding:
+        return raw
+    decoder = incremental_decoder(encoding)
+    if decoder is None:
+        raise ValueError(f"unsupported content-encoding {encoding!r}")
+    try:
+        return decoder(raw) + decoder(b"")
+    except Exception as e:  # zlib.error, brotli.error, zstd's: the body is not what its header says
+        raise ValueError(f"undecodable {encoding!r} body: {e}") from None
+
+
+def account(job: Finished, pricer: Pricer) -> RequestRow:
+    """The row for a finished request. Never raises: a bug in accounting keeps what is certain."""
+    p = job.p
+    try:
+        if job.body is not None:
+            try:
+                body: bytes | None = decode(job.body, job.encoding)
+            except ValueError:  # undecodable content-encoding: forwarded as is, not readable
+                body = None
+                p.facts.parse_errors += 1
+            if body:
+                p.facts.from_json_body(body)
+                p.counted_tokens = record.counted_tokens(p.path, job.status or 0, body)
+        return finish(
+            p,
+            pricer=pricer,
+            status=job.status,
+            request_id=job.request_id,
+            headers_at=job.headers_at,
+            ended_at=job.ended_at,
+            error=job.error,
+            error_message=job.error_message,
+        )
+    except Exception:  # never lose the row over a bug in accounting: keep what is certain
+        log.exception("metrion: failed to account a request; recording it without usage")
+        return {
+            "ts": iso_ms(p.started),
+            "account": p.account,
+            "user": p.user,
+            "mode": p.mode,
+            "method": p.method,
+            "path": p.path,
+            "model": p.model,
+            "stream": int(p.streamed),
+            "status": job.status,
+            "completed": 0,
+            "error": "metrion_internal_error",
+        }
+
+
+class Accountant:
+    """Owns the accounting thread. `submit()` never blocks; `close()` accounts for everything submitted."""
+
+    def __init__(self, pricer: Pricer, store: Any) -> None:
+        self.pricer = pricer
+        self.store = store  # put() only: the store, observed (metrics and the request log see every row)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="metrion-accountant", daemon=True)
+        self._closed = False
+
+    def start(self) -> Accountant:
+        self._thread.start()
+        return self
+
+    def submit(self, job: Finished | dict[str, Any]) -> None:
+        """A finished request, or a row already built: stored in the order handed over."""
+        if self._closed:  # after close (a hook late at shutdown): account here rather than lose the row
+            self._handle(job)
+            return
+        self._queue.put(job)
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 15.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self._queue.put(_STOP)
+            self._thread.join(timeout)
+        while True:  # whatever the thread left (it died, or did not finish in time): here, not lost
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not _STOP:
+                self._handle(job)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not _STOP:
+            self._handle(job)
+
+    def _handle(self, job: Finished | dict[str, Any]) -> None:
+        try:
+            row = account(job, self.pricer) if isinstance(job, Finished) else job
+            self.store.put(row)
+        except Exception:  # noqa: BLE001 - one bad row never stops the others
+            log.exception("metrion: could not hand a request row to the store")
