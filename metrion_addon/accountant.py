@@ -83,7 +83,7 @@ def account(job: Finished, pricer: Pricer) -> RequestRow:
         )
     except Exception:  # never lose the row over a bug in accounting: keep what is certain
         log.exception("metrion: failed to account a request; recording it without usage")
-        return {
+        row: RequestRow = {
             "ts": iso_ms(p.started),
             "account": p.account,
             "user": p.user,
@@ -96,6 +96,7 @@ def account(job: Finished, pricer: Pricer) -> RequestRow:
             "completed": 0,
             "error": "metrion_internal_error",
         }
+        return row
 
 
 class Accountant:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from mitmproxy.test import taddons, tflow, tutils
 
-from metrion_addon import addon as addon_module
+from metrion_addon import accountant as accountant_module
 from metrion_addon import schema, store
 from metrion_addon.addon import Metrion
 from metrion_addon.batches import BatchMeta, BatchResult, result_row
@@ -98,7 +98,7 @@ def batch_rows() -> list[dict[str, Any]]:
 
 
 def fallback_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
-    """addon._store's row when accounting itself fails (a bug in finish): what is certain, nothing else."""
+    """accountant.account's row when accounting itself fails (a bug in finish): what is certain, nothing else."""
     monkeypatch.setenv("METRION_TEST_REAL_KEY", REAL_KEY)
     cfg = tmp_path / "config.yaml"
     cfg.write_text(config_text(tmp_path / "m.db"))
@@ -106,7 +106,7 @@ def fallback_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[
     def broken(*_: Any, **__: Any) -> Any:
         raise RuntimeError("a bug in accounting")
 
-    monkeypatch.setattr(addon_module, "finish", broken)
+    monkeypatch.setattr(accountant_module, "finish", broken)
     m = Metrion()
     with taddons.context(m) as tctx:
         tctx.configure(m, metrion_config=str(cfg))
@@ -159,7 +159,7 @@ def static_row_keys() -> dict[str, set[str]]:
 
 def test_every_key_written_anywhere_is_a_column() -> None:
     found = static_row_keys()
-    assert {"record.py", "batches.py", "addon.py", "admission.py", "store.py"} <= set(found)  # the scan sees them
+    assert {"record.py", "batches.py", "accountant.py", "admission.py", "store.py"} <= set(found)  # the scan sees them
     wrong = {module: sorted(keys - set(schema.COLUMNS)) for module, keys in found.items() if keys - set(schema.COLUMNS)}
     assert wrong == {}
 
