@@ -181,3 +181,32 @@ def test_a_runtime_option_rebuilds_the_runtime_and_loses_no_row(metrion, tmp_pat
     ctx.options.update(metrion_max_backlog=1000)  # any of the runtime's options rebuilds it
     assert m.rt is not None and m.rt is not old
     assert len(rows(db)) == 50  # everything the old writer had queued
+
+
+def test_every_credential_header_is_masked_whatever_its_case_and_count() -> None:
+    from mitmproxy import http
+
+    from metrion_addon.addon import REDACTED, redact_credentials
+
+    h = http.Headers(
+        [(b"X-Api-Key", b"k1"), (b"accept", b"*/*"), (b"Cookie", b"a=1"), (b"cookie", b"b=2"), (b"AUTHORIZATION", b"B")]
+    )
+    redact_credentials(h)
+    assert h.fields == (
+        (b"X-Api-Key", REDACTED.encode()),
+        (b"accept", b"*/*"),
+        (b"Cookie", REDACTED.encode()),
+        (b"cookie", REDACTED.encode()),
+        (b"AUTHORIZATION", REDACTED.encode()),
+    )
+    clean = http.Headers([(b"accept", b"*/*")])
+    redact_credentials(clean)
+    assert clean.fields == ((b"accept", b"*/*"),)
+
+
+def test_the_placeholder_refusal_is_an_anthropic_error() -> None:
+    r = addon_module.placeholder_refusal()
+    assert (r.status_code, r.reason, r.headers["content-type"]) == (500, "Internal Server Error", "application/json")
+    assert json.loads(r.content) == {"type": "error", "error": {"type": "api_error", "message": "metrion proxy error"}}
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert addon_module.placeholder_refusal() is not r  # one per flow: a flow may change its own
