@@ -13,8 +13,6 @@ import json
 import logging
 import queue
 import threading
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +92,9 @@ class Alerter:
             self.deliver(*item)
 
     def deliver(self, url: str, body: dict[str, Any]) -> bool:
+        import urllib.error  # on the alert thread, at the first alert: a proxy without alerts never loads it
+        import urllib.request
+
         data = json.dumps(body).encode()
         for attempt in range(1, self.attempts + 1):
             req = urllib.request.Request(

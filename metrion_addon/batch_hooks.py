@@ -13,11 +13,11 @@ from mitmproxy import http
 
 from metrion_addon import batches
 from metrion_addon.admission import Gate
-from metrion_addon.batch_poller import BatchPoller
 from metrion_addon.batch_recorder import BatchRecorder
 from metrion_addon.config import Config
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending
+from metrion_addon.store import connect
 
 log = logging.getLogger(__name__)
 CLIENT_PATH = "metrion_client_path"  # flow.metadata: the path as the client sent it (prefix included)
@@ -33,13 +33,37 @@ class BatchHooks:
 
             shared = SharedBatches(config.database_url)
         self.recorder = BatchRecorder(config.database, pricer, self._row, self._seen, shared)
-        keys = {a.name: a.anthropic_api_key for a in config.accounts if a.anthropic_api_key}
-        self.poller = BatchPoller(config.database, self.recorder, keys, poll_seconds) if poll_seconds > 0 else None
+        self._keys = {a.name: a.anthropic_api_key for a in config.accounts if a.anthropic_api_key}
+        self._poll_seconds = poll_seconds
+        self.poller: Any = None  # batch_poller.BatchPoller, started once there is a batch for it to poll
 
     def start(self) -> None:
         self.recorder.start()
-        if self.poller is not None:
-            self.poller.start()
+        if self._keys and self._poll_seconds > 0 and self._unmetered_managed_batches():
+            self._start_poller()
+
+    def _unmetered_managed_batches(self) -> bool:
+        """Whether a batch created in managed mode before this start is still to be metered (then polling starts
+        now; else at the first managed batch created)."""
+        try:
+            conn = connect(self.config.database)
+            try:
+                sql = "SELECT 1 FROM batches WHERE mode = 'managed' AND metered_at IS NULL LIMIT 1"
+                return conn.execute(sql).fetchone() is not None
+            finally:
+                conn.close()
+        except Exception:  # noqa: BLE001 - cannot tell: poll, as before this check existed
+            return True
+
+    def _start_poller(self) -> None:
+        """The managed-mode poller (batch_poller.py, with urllib's HTTP stack) loads only when there is a managed
+        account and a batch to poll: an idle proxy that never creates batches does not hold it."""
+        if self.poller is not None or not self._keys or self._poll_seconds <= 0:
+            return
+        from metrion_addon.batch_poller import BatchPoller
+
+        self.poller = BatchPoller(self.config.database, self.recorder, self._keys, self._poll_seconds)
+        self.poller.start()
 
     def close(self) -> None:
         if self.poller is not None:
@@ -83,6 +107,8 @@ class BatchHooks:
             new = self.recorder.objects(p.method, p.path, body, raw, who, base, upstream)
             if p.method == "POST" and p.path == batches.BATCHES_PATH:
                 self._created(p, body)
+                if p.mode == "managed":
+                    self._start_poller()  # a batch the proxy can poll with the account's key
             if new is not None:
                 resp.content = new  # re-encoded as the upstream encoded it; content-length follows
         except Exception:

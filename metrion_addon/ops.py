@@ -24,12 +24,14 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
 from metrion_addon import __version__
-from metrion_addon.metrics import Labels, Metrics, budget_samples
+
+if TYPE_CHECKING:  # prometheus_client (2 MB) loads only when the config asks for metrics: configure imports it
+    from metrion_addon.metrics import Metrics
 from metrion_addon.record import upstream_path
 from metrion_addon.text import REDACTED, looks_like_credential
 
@@ -283,6 +285,8 @@ class Service:
             host, port = config.metrics_listen
             if port in mode_ports(list(options.mode)):
                 raise ValueError(f"metrics_listen port {port} is the proxy's own port")
+            from metrion_addon.metrics import Labels, Metrics, budget_samples
+
             labels = Labels(
                 (a.name for a in config.accounts),
                 config.metrics_users,
