@@ -99,3 +99,54 @@ def test_json_data_roundtrip_sanity() -> None:
     events = parser.feed(body) + parser.close()
     assert [e for e, _ in events][0] == "message_start"
     assert all(isinstance(json.loads(d), dict) for _, d in events)
+
+
+@st.composite
+def tricky_streams(draw: st.DrawFn) -> bytes:
+    """Events meant to look skippable: wanted names with odd spacing, several event lines, bare data, comments."""
+    names = ["content_block_delta", "ping", "message_delta", "message_stop", "error", "message", "message_deltax", ""]
+    out = b""
+    for _ in range(draw(st.integers(0, 8))):
+        name = draw(st.sampled_from(names)).encode()
+        sep = draw(st.sampled_from([b": ", b":", b":  "]))
+        if draw(st.booleans()):
+            out += b"event" + sep + draw(st.sampled_from(names)).encode() + b"\n"  # two event lines: the last counts
+        if name or draw(st.booleans()):
+            out += b"event" + sep + name + b"\n"
+        if draw(st.integers(0, 9)) == 0:
+            out += b": a comment\n"
+        usage = {"input_tokens": draw(st.integers(0, 9)), "output_tokens": draw(st.integers(0, 9))}
+        payload = {"type": name.decode(), "usage": usage, "delta": {"stop_reason": "end_turn"}}
+        out += b"data: " + json.dumps(payload).encode() + b"\n\n"
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(wire=tricky_streams(), points=st.lists(st.integers(min_value=0, max_value=4000), max_size=30))
+def test_skipping_unwanted_chunks_changes_nothing(wire: bytes, points: list[int]) -> None:
+    """StreamTap skips a chunk of whole unwanted events with one match (SSEParser.skippable): the facts are
+    those of feeding every chunk, whatever the split."""
+    _, skipped, _ = tap_all(cut(wire, points), None)
+    reference = ResponseFacts()
+    parser = SSEParser(wanted=ResponseFacts.WANTED_EVENTS)
+    for chunk in cut(wire, points):
+        for event, data in parser.feed(chunk):
+            reference.on_event(event, data)
+    for event, data in parser.close():
+        reference.on_event(event, data)
+    got = (skipped.raw_usage, skipped.completed, skipped.stop_reason, skipped.events, skipped.error_type)
+    assert got == (reference.raw_usage, reference.completed, reference.stop_reason, reference.events,
+                   reference.error_type)  # fmt: skip
+
+
+def test_skippable_only_between_events_and_for_whole_unwanted_ones() -> None:
+    p = SSEParser(wanted=ResponseFacts.WANTED_EVENTS)
+    delta = b'event: content_block_delta\ndata: {"x": 1}\n\n'
+    assert not p.skippable(delta)  # nothing seen yet (a BOM may open the stream)
+    p.feed(b"event: ping\ndata: {}\n\n")
+    assert p.skippable(delta) and p.skippable(delta * 3)
+    for chunk in (b"event: message_delta\ndata: {}\n\n", b"event:message_stop\ndata: {}\n\n", b"data: {}\n\n",
+                  delta[:-1], delta + b"event: error\ndata: {}\n\n", delta.replace(b"\n", b"\r\n"), b""):  # fmt: skip
+        assert not p.skippable(chunk), chunk
+    p.feed(b"event: ping\n")  # inside an event: the next chunk belongs to it
+    assert not p.skippable(delta)
