@@ -40,9 +40,7 @@ class SSEParser:
         # a stream is mostly content deltas, and a chunk made only of them changes nothing here.
         names = b"|".join(re.escape(w.encode()) for w in sorted(wanted or ()))
         self._unwanted = (
-            re.compile(rb"(?:event:(?! ?(?:" + names + rb")\n)[^\n\r]*\n(?:data:[^\n\r]*\n)*\n)+")
-            if wanted
-            else None
+            re.compile(rb"(?:event:(?! ?(?:" + names + rb")\n)[^\n\r]*\n(?:data:[^\n\r]*\n)*\n)+") if wanted else None
         )
 
     def skippable(self, chunk: bytes) -> bool:
