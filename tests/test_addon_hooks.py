@@ -205,8 +205,18 @@ def test_every_credential_header_is_masked_whatever_its_case_and_count() -> None
 
 
 def test_the_placeholder_refusal_is_an_anthropic_error() -> None:
+    from mitmproxy import http
+
     r = addon_module.placeholder_refusal()
     assert (r.status_code, r.reason, r.headers["content-type"]) == (500, "Internal Server Error", "application/json")
     assert json.loads(r.content) == {"type": "error", "error": {"type": "api_error", "message": "metrion proxy error"}}
     assert int(r.headers["content-length"]) == len(r.content)
-    assert addon_module.placeholder_refusal() is not r  # one per flow: a flow may change its own
+    other = addon_module.placeholder_refusal()
+    assert other is not r and other.headers is not r.headers  # one per flow: a flow may change its own
+    made = http.Response.make(500, r.content, {"content-type": "application/json"})  # the documented way
+    assert {**r.get_state(), "timestamp_start": 0, "timestamp_end": 0} == {
+        **made.get_state(),
+        "timestamp_start": 0,
+        "timestamp_end": 0,
+    }
+    assert r.stream is False and r.trailers is None and r.timestamp_start > 0
