@@ -20,6 +20,7 @@ from metrion_addon.admission import Refusal, user_for
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, AuthError, error_body
 from metrion_addon.batch_hooks import CLIENT_PATH
 from metrion_addon.config import ConfigError, load_config
+from metrion_addon.headerview import HeaderView
 from metrion_addon.openai_compat import facts_for
 from metrion_addon.record import Pending, clean_label, model_of, request_json, request_model, upstream_path
 from metrion_addon.reqtap import RequestTap
@@ -102,7 +103,7 @@ def classify_error(msg: str, response_started: bool) -> str:
     return "proxy_error"
 
 
-def malformed_headers(headers: http.Headers) -> tuple[int, str, str] | None:
+def malformed_headers(headers: http.Headers | HeaderView) -> tuple[int, str, str] | None:
     """(status, error type, message) for headers no request may carry, else None.
 
     A line break inside a value is an obs-fold continuation line (mitmproxy keeps it in the previous header's
@@ -261,17 +262,18 @@ class Metrion:
         flow.metadata[CLIENT_PATH] = req.path  # as the client sent it (for the batch results_url rewrite)
         req.path = upstream_path(req.path, rt.config.path_prefix)
         p.path = clean_label(req.path.partition("?")[0]) or "/"
-        p.client = clean_label(req.headers.get("user-agent"))
-        p.session_id = clean_label(req.headers.get("x-claude-code-session-id"))
-        p.user = clean_label(asserted_user := req.headers.get(USER_HEADER))
+        headers = HeaderView(req.headers.fields)  # as the client sent them: every read below, one index
+        p.client = clean_label(headers.get("user-agent"))
+        p.session_id = clean_label(headers.get("x-claude-code-session-id"))
+        p.user = clean_label(asserted_user := headers.get(USER_HEADER))
         if ops.reserved(p.path):
             msg = f"{p.path[:64]!r}: paths under {ops.RESERVED_PREFIX} are the proxy's own (see {ops.HEALTH_PATH})"
             self._answer(flow, p, 404, "not_found_error", msg)
             return
-        p.retry_count, p.request_key = record.attempt_headers(req.headers)
+        p.retry_count, p.request_key = record.attempt_headers(headers)
 
-        bad = malformed_headers(req.headers)
-        decision = rt.auth.authenticate(req.headers) if bad is None else AuthError(bad[2], bad[0], bad[1])
+        bad = malformed_headers(headers)
+        decision = rt.auth.authenticate(headers) if bad is None else AuthError(bad[2], bad[0], bad[1])
         for name in [n for n in req.headers if n.lower().startswith(METRION_HEADER_PREFIX)]:
             del req.headers[name]
         if isinstance(decision, AuthError):
