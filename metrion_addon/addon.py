@@ -42,12 +42,12 @@ REFUSAL_BODY_MAX = 4 * 1024 * 1024
 # Anthropic's own request limit is 32 MB for Messages and 256 MB for Message Batches: the default
 # `body_size_limit` when the user sets none (mitmproxy then refuses larger bodies before reading them).
 DEFAULT_BODY_SIZE_LIMIT = "256m"
-# The addon's options that the runtime is built from: a change to any of them rebuilds it.
 # Request bodies at least this large go upstream as they arrive (reqtap.py reads the model on the side), unless
 # something must read the whole body before forwarding: a hard budget's estimate, or the unknown-model refusal.
 STREAM_BODY_MIN = 16 * 1024
 # The endpoints whose body names a model and nothing else the proxy reads (a batch create's is read whole).
 STREAMED_PATHS = frozenset({"/v1/messages", "/v1/messages/count_tokens", "/v1/chat/completions"})
+# The addon's options that the runtime is built from: a change to any of them rebuilds it.
 RUNTIME_OPTIONS = frozenset(
     {"metrion_config", "metrion_max_backlog", "metrion_test_clock", "metrion_batch_poll_seconds"}
 )
