@@ -131,55 +131,91 @@ class SSEParser:
             self._skip = self._wanted is not None and self._event not in self._wanted
 
 
-def incremental_decoder(content_encoding: str | None) -> Callable[[bytes], bytes] | None:
+# What one received chunk may decode to. A real answer compresses a few times over (SSE text 5-20x); a chunk that
+# expands past this is a compression bomb from a hostile upstream, and reading stops before it is allocated
+# (the bytes still pass through to the client unchanged).
+MAX_CHUNK_EXPANSION = 16 * 1024 * 1024
+
+
+class DecodeLimit(ValueError):
+    """A content-encoded chunk would decode to more than the limit: reading stops, the bytes keep flowing."""
+
+
+def incremental_decoder(
+    content_encoding: str | None, limit: int = MAX_CHUNK_EXPANSION
+) -> Callable[[bytes], bytes] | None:
     """A function that decodes one content-encoded chunk at a time (b'' flushes), or None if not supported.
+    A chunk that would decode to more than `limit` bytes raises DecodeLimit before the output is allocated.
 
     Identity (or no header) returns an identity function.
     """
     enc = (content_encoding or "identity").strip().lower()
     if enc in ("identity", ""):
         return lambda b: b
-    if enc in ("gzip", "x-gzip"):
-        return _Frames(lambda: zlib.decompressobj(wbits=47))  # 32 + 15: gzip or zlib framing
+    if enc in ("gzip", "x-gzip"):  # 32 + 15: gzip or zlib framing
+        return _Frames(lambda: zlib.decompressobj(wbits=47), lambda d: bool(d.unconsumed_tail), limit)
     if enc == "deflate":
-        return _Deflate()
+        return _Deflate(limit)
     if enc == "br":
         import brotli
 
-        bd = brotli.Decompressor()
-        return lambda b: bd.process(b) if b else b""
+        return _Brotli(brotli.Decompressor(), limit)
     if enc == "zstd":
         try:  # the same zstd module mitmproxy uses: the stdlib from 3.14, else its backport
             from compression import zstd  # type: ignore[import-not-found]
         except ImportError:
             from backports import zstd  # type: ignore[import-not-found,no-redef]
-        return _Frames(zstd.ZstdDecompressor)
+        return _Frames(zstd.ZstdDecompressor, lambda d: not d.needs_input and not d.eof, limit)
     return None
 
 
-class _Frames:
-    """Decode concatenated frames (zstd) or members (gzip): each ends its decompressor, the next starts anew."""
+def _over(limit: int) -> DecodeLimit:
+    return DecodeLimit(f"a chunk decodes to over {limit:,} bytes (a compression bomb?): not read")
 
-    def __init__(self, new: Callable[[], Any]) -> None:
-        self._new = new
+
+class _Frames:
+    """Decode concatenated frames (zstd) or members (gzip): each ends its decompressor, the next starts anew.
+    `more(d)`: whether `d` has output left beyond what it was allowed to return."""
+
+    def __init__(self, new: Callable[[], Any], more: Callable[[Any], bool], limit: int) -> None:
+        self._new, self._more, self._limit = new, more, limit
         self._d = new()
 
     def __call__(self, b: bytes) -> bytes:
         out: list[bytes] = []
+        left = self._limit
         while b:
-            out.append(self._d.decompress(b))
+            piece = self._d.decompress(b, left)
+            left -= len(piece)
+            if self._more(self._d):
+                raise _over(self._limit)
+            out.append(piece)
             if not self._d.eof:
                 break
             b, self._d = self._d.unused_data, self._new()
         return b"".join(out)
 
 
+class _Brotli:
+    def __init__(self, d: Any, limit: int) -> None:
+        self._d, self._limit = d, limit
+
+    def __call__(self, b: bytes) -> bytes:
+        if not b:
+            return b""
+        out = self._d.process(b, output_buffer_limit=self._limit)
+        if len(out) > self._limit or not self._d.can_accept_more_data():
+            raise _over(self._limit)
+        return out
+
+
 class _Deflate:
     """HTTP 'deflate' is meant to be zlib-wrapped, but raw deflate is common: detect it from the first bytes."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int) -> None:
         self._d: zlib._Decompress | None = None
         self._head = b""
+        self._limit = limit
 
     def __call__(self, b: bytes) -> bytes:
         if self._d is None:
@@ -190,4 +226,9 @@ class _Deflate:
             zlib_framed = len(h) >= 2 and h[0] & 0x0F == 8 and (h[0] << 8 | h[1]) % 31 == 0
             self._d = zlib.decompressobj(wbits=15 if zlib_framed else -15)
             b, self._head = h, b""
-        return self._d.decompress(b) if b else self._d.flush()
+        if not b:
+            return self._d.flush()
+        out = self._d.decompress(b, self._limit)
+        if self._d.unconsumed_tail:
+            raise _over(self._limit)
+        return out

@@ -129,3 +129,57 @@ def test_gzip_multi_member_and_deflate_flavours() -> None:
         d = incremental_decoder(enc)
         assert d is not None
         assert b"".join(d(wire[i : i + 3]) for i in range(0, len(wire), 3)) + d(b"") == data, enc
+
+
+def _encoders() -> dict[str, object]:
+    import brotli
+
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:
+        from backports import zstd  # type: ignore[import-not-found,no-redef]
+    raw = zlib.compressobj(wbits=-15)
+    return {
+        "gzip": gzip.compress,
+        "deflate": zlib.compress,
+        "deflate-raw": lambda d: raw.compress(d) + raw.flush(),
+        "br": lambda d: brotli.compress(d, quality=5),
+        "zstd": zstd.compress,
+    }
+
+
+def test_a_compression_bomb_stops_reading_not_the_stream() -> None:
+    """A hostile upstream's chunk that inflates past MAX_CHUNK_EXPANSION is not decoded (nothing that size is
+    allocated); its bytes still reach the client unchanged, and the row is unreadable rather than wrong."""
+    from metrion_addon.sse import MAX_CHUNK_EXPANSION
+
+    bomb_plain = START + b"\n" * (MAX_CHUNK_EXPANSION * 4)  # 64 MiB of blank lines: valid SSE, if decoded
+    for name, compress in _encoders().items():
+        wire = compress(bomb_plain)  # type: ignore[operator]
+        assert len(wire) < MAX_CHUNK_EXPANSION // 64, name  # the bomb is small on the wire
+        f = ResponseFacts()
+        tap = StreamTap(f, name.removesuffix("-raw"))
+        assert tap(wire) == wire and tap(b"") == b""
+        assert tap.failed is not None and "compression bomb" in tap.failed, name
+
+
+def test_a_long_compressed_stream_is_read_in_full() -> None:
+    """The limit is per received chunk: a long answer, compressed, decodes whole when it arrives in chunks."""
+    import random
+
+    rng = random.Random(7)
+    words = [bytes(rng.choices(b"abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
+    text = (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta","text":"%s"}}\n\n'
+    )
+    deltas = b"".join(text % b" ".join(rng.choices(words, k=8)) for _ in range(60_000))  # ~8 MB, like text
+    body = START + deltas + DELTA + b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    for name, compress in _encoders().items():
+        wire = compress(body)  # type: ignore[operator]
+        f = ResponseFacts()
+        tap = StreamTap(f, name.removesuffix("-raw"))
+        for i in range(0, len(wire), 65536):
+            tap(wire[i : i + 65536])
+        tap(b"")
+        assert tap.failed is None and f.completed, name
