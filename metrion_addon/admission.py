@@ -276,7 +276,9 @@ class Gate:
         b = check.blocked
         if self.budgets.fleet is not None and b.slice_only(check.asked):
             free = self.budgets.fleet.free((b.scope, b.limit.period, b.period_start))
-            if free is None or free > 0:
+            if self.budgets.fleet.failing:
+                why, retry = "cannot be had while the fleet's budget database is unreachable", "5"
+            elif free is None or free > 0:
                 why, retry = "is getting this proxy's share of it from the fleet's database", "1"
             else:  # handed out: other proxies hold the rest, until they spend it, go idle or their leases expire
                 why, retry = "is held by other proxies of the fleet for now", "30"

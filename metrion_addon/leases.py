@@ -206,6 +206,8 @@ class LeaseBook:
         self.url = url
         self.budgets = budgets
         self.ttl, self.idle_return = ttl, idle_return
+        self.margin = min(MARGIN, ttl / 6)  # a short test TTL scales both down
+        self.heartbeat = min(HEARTBEAT, (ttl - self.margin) / 3)  # a live slice never lapses between syncs
         self.instance = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._held: dict[Key, _Held] = {}
         self._wanted: dict[Key, float] = {}
@@ -214,7 +216,7 @@ class LeaseBook:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="metrion-leases", daemon=True)
         self._conn: psycopg.Connection[Any] | None = None
-        self._failing = False
+        self.failing = False  # the database could not be reached at the last try
         self._reclaimed_at = 0.0
         self._migrated = False
         self.round_trips = 0  # syncs done (each: one transaction), for the logs and the tests
@@ -264,6 +266,7 @@ class LeaseBook:
                 lim = self.budgets.limit_of(key)
                 if lim is not None:
                     sync(conn, self.instance, key, lim.usd, used.get(key, 0.0), give_back=math.inf, ttl=self.ttl)
+                    self.round_trips += 1
             self._held.clear()
         except (psycopg.Error, OSError, LookupError) as e:
             log.warning(
@@ -274,6 +277,7 @@ class LeaseBook:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        log.info("metrion: budget leases: %d syncs with PostgreSQL in this run", self.round_trips)
 
     # -- the thread ---------------------------------------------------------------------------------------
 
@@ -306,8 +310,8 @@ class LeaseBook:
                 self._conn.close()
             finally:
                 self._conn = None
-        if not self._failing:
-            self._failing = True
+        if not self.failing:
+            self.failing = True
             log.error(
                 "metrion: cannot reach PostgreSQL %s for budget leases (%s): admitting within the slices held "
                 "until their leases run out, then refusing",
@@ -340,6 +344,7 @@ class LeaseBook:
             if end.timestamp() <= now:  # the period is over: give back what is left once nothing is in flight
                 if h is not None and key not in b._reserved:
                     sync(conn, self.instance, key, lim.usd, u, give_back=math.inf, ttl=self.ttl)
+                    self.round_trips += 1
                     del self._held[key]
                 self._wanted.pop(key, None)
                 continue
@@ -352,8 +357,8 @@ class LeaseBook:
         if mono - self._reclaimed_at >= RECLAIM_EVERY:
             self._reclaimed_at = mono
             reclaim(conn)
-        if self._failing:
-            self._failing = False
+        if self.failing:
+            self.failing = False
             log.warning("metrion: PostgreSQL %s reachable again for budget leases", redacted(self.url))
 
     def _sync_key(
@@ -375,12 +380,12 @@ class LeaseBook:
                 want = max(size, need - max(0.0, head))
             elif head > size and mono - h.active_at >= self.idle_return:
                 back = head - size  # idle: keep one low-water mark's worth, the rest is more use to the others
-        if not (new or want > 0 or back > 0 or mono - h.synced_at >= HEARTBEAT):
+        if not (new or want > 0 or back > 0 or mono - h.synced_at >= self.heartbeat):
             return
         s = sync(conn, self.instance, key, lim.usd, u, want, back, self.ttl)
         self.round_trips += 1
         h.granted, h.used, h.synced_at = s.granted, u, mono
-        h.valid_until = mono + self.ttl - MARGIN  # started before the server stamped expires_at
+        h.valid_until = mono + self.ttl - self.margin  # started before the server stamped expires_at
         h.others = max(0.0, s.consumed - u)
         h.free = max(0.0, lim.usd - s.total)
         h.others_live = s.others_live

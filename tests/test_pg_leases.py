@@ -119,7 +119,7 @@ def test_spend_beyond_a_reclaimed_slice_is_counted(pg: PgServer) -> None:
 
 def test_the_period_row_is_seeded_from_recorded_rows(pg: PgServer) -> None:
     with psycopg.connect(pg.url, autocommit=True) as conn:
-        cols = "row_id, ts, account, \"user\", cost_usd, budget_usd"
+        cols = 'row_id, ts, account, "user", cost_usd, budget_usd'
         for i, (ts, account, user, cost, budget) in enumerate(
             [
                 (DAY.replace(hour=1), "seeded", "bob", Decimal("0.10"), None),

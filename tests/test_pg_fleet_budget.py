@@ -1,0 +1,133 @@
+"""A hard budget across a fleet: three proxies on one PostgreSQL share one daily budget through leases. A burst of
+60 concurrent slow requests (20 on each proxy) whose worst cases add up to 8 times the limit: the fleet's real
+spend stays within the limit plus the estimation error (0 here), refused requests get Anthropic's 429 and never
+reach the upstream, and once the proxies stop, every unspent slice is back in the database."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import Proxy, start_proxy, stop_proxy
+from tests.fake_upstream import FakeUpstream, Scenario
+from tests.pgserver import PgServer, start_pg, unavailable_reason
+
+_REASON = unavailable_reason()
+if _REASON and os.environ.get("CI") == "true":
+    raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {_REASON}")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+
+TOKEN = "sk-metrion-fleet-000000000000000"
+LIMIT = 0.10
+# 600 in + 400 out at $2 / $10 per MTok = $0.0052 a request; its ~2,100-byte body and max_tokens 500 reserve
+# about (2,100 + 2,000) x $2 + 500 x $10 per MTok = $0.0132. 60 of them: $0.79 of worst case against $0.10.
+CONFIG = f"""
+  - name: fleet
+    tokens: [{TOKEN}]
+    anthropic_api_key: fake-upstream-key
+    allow_passthrough: false
+    budget: {{daily: {LIMIT}}}
+pricing:
+  overrides:
+    - {{prefix: claude-test, input: 2, output: 10}}
+"""
+USAGE = {"input_tokens": 600, "output_tokens": 400, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[PgServer]:
+    server = start_pg()
+    yield server
+    server.close()
+
+
+def fleet_rows(url: str) -> list[tuple[float | None, str | None]]:
+    with psycopg.connect(url) as conn:
+        rows = conn.execute("SELECT cost_usd, error FROM requests WHERE account = 'fleet'").fetchall()
+    return [(float(c) if c is not None else None, e) for c, e in rows]
+
+
+def wait_rows(url: str, n: int, timeout: float = 60.0) -> list[tuple[float | None, str | None]]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while len(rows := fleet_rows(url)) < n:
+        assert time.monotonic() < deadline, f"only {len(rows)} of {n} rows reached PostgreSQL"
+        time.sleep(0.05)
+    return rows
+
+
+def test_a_hard_budget_holds_across_three_proxies_under_a_burst(
+    pg: PgServer, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    fake.add("fleet-burst", Scenario(usage=USAGE, delay=0.5))
+    proxies: list[Proxy] = []
+    try:
+        for i in range(3):
+            (tmp_path / f"p{i}").mkdir()
+            proxies.append(start_proxy(tmp_path / f"p{i}", fake.url, CONFIG, db=pg.url))  # type: ignore[arg-type]
+        before = {rid for rid, r in fake.received.items() if r.headers.get("x-fake-scenario") == "fleet-burst"}
+        body = json.dumps(
+            {"model": "claude-test-1", "max_tokens": 500, "messages": [{"role": "user", "content": "word " * 400}]}
+        )
+
+        def one(i: int) -> tuple[int, httpx.Response]:
+            headers = {"x-api-key": TOKEN, "content-type": "application/json", "anthropic-version": "2023-06-01",
+                       "x-fake-scenario": "fleet-burst", "x-burst-id": str(i)}  # fmt: skip
+            return i, httpx.post(proxies[i % 3].url + "/v1/messages", content=body, headers=headers, timeout=30)
+
+        with ThreadPoolExecutor(60) as ex:
+            answers = list(ex.map(one, range(60)))
+        served = {i for i, a in answers if a.status_code == 200}
+        refused = [a for _, a in answers if a.status_code == 429]
+        assert len(served) + len(refused) == 60 and served and refused
+        for a in refused:
+            err = a.json()
+            assert err["type"] == "error" and err["error"]["type"] == "rate_limit_error"
+            assert "daily budget" in err["error"]["message"] and int(a.headers["retry-after"]) >= 1
+        reached = {
+            int(r.headers["x-burst-id"])
+            for rid, r in fake.received.items()
+            if r.headers.get("x-fake-scenario") == "fleet-burst" and rid not in before
+        }
+        assert reached == served  # a refused request never reached the upstream
+
+        rows = wait_rows(pg.url, 60)
+        spent = sum(c or 0.0 for c, _ in rows)
+        reserved = sum(float(a.headers["x-metrion-budget-reserved-usd"]) for _, a in answers if a.status_code == 200)
+        assert sum(e == "budget_exceeded" for _, e in rows) == len(refused)
+        with psycopg.connect(pg.url) as conn:
+            granted, leases, trips = conn.execute(
+                "SELECT p.granted, (SELECT SUM(granted) FROM budget_leases l WHERE l.scope = p.scope AND "
+                "l.period_start = p.period_start), (SELECT count(*) FROM budget_leases l WHERE l.scope = p.scope) "
+                "FROM budget_periods p WHERE p.scope = %s",
+                (json.dumps(["fleet", None, False]),),
+            ).fetchone()  # type: ignore[misc]
+        print(
+            f"\nfleet burst: 60 concurrent slow requests over 3 proxies against a ${LIMIT} hard daily budget: "
+            f"{len(served)} served, {len(refused)} refused; spent ${spent:.4f} (overshoot "
+            f"${max(0.0, spent - LIMIT):.4f}); served requests reserved ${reserved:.4f} = {reserved / LIMIT:.0%} "
+            f"of the limit; slices granted ${float(granted):.4f} over {trips} leases"
+        )
+        assert spent <= LIMIT + 1e-9  # the bound: limit + estimation error, which is 0 with this usage
+        assert reserved <= LIMIT + 1e-9  # the slices never add up to more than the limit
+        assert float(granted) == pytest.approx(float(leases)) and float(granted) <= LIMIT + 1e-9
+    finally:
+        for p in proxies:
+            stop_proxy(p)
+    with psycopg.connect(pg.url) as conn:
+        unspent = conn.execute("SELECT COALESCE(SUM(granted - used), 0) FROM budget_leases").fetchone()[0]  # type: ignore[index]
+        used = conn.execute("SELECT COALESCE(SUM(used), 0) FROM budget_leases").fetchone()[0]  # type: ignore[index]
+    assert float(unspent) == 0.0  # a clean stop gives every unspent slice back
+    syncs = [int(m) for p in proxies for m in re.findall(r"budget leases: (\d+) syncs", p.log.read_text())]
+    assert len(syncs) == 3
+    print(f"lease round trips (syncs with PostgreSQL) per proxy over the whole run: {syncs}, for 60 requests")
+    assert float(used) == pytest.approx(spent)  # what the leases say was used is what the rows cost
