@@ -183,3 +183,48 @@ def test_budgets_admit_against_the_proxy_slice(pg: PgServer) -> None:
             book.close()
     granted, seed, leases = period_row(pg.url, k)
     assert granted == pytest.approx(big) and leases == pytest.approx(big)  # the closes gave back the rest
+
+
+def test_an_idle_slice_gives_its_headroom_back(pg: PgServer) -> None:
+    now = DAY.timestamp() + 3600
+    settings = BudgetSettings(accounts={"idle": AccountBudgets(account=(Limit("daily", 1.0),))})
+    b = Budgets(settings, clock=lambda: now)
+    book = b.fleet = LeaseBook(pg.url, b, idle_return=0.0).start()
+    try:
+        k = key("idle")
+        assert book.slice(k) == pytest.approx(0.5)  # half of what is free, with no other proxy holding any
+        wait_for(lambda: period_row(pg.url, k)[0] < 0.5, "the idle headroom to go back")
+        assert 0 < book.slice(k) < 0.5  # one low-water mark's worth stays, so the next request needs no wait
+    finally:
+        book.close()
+
+
+def test_a_database_outage_admits_within_the_slice_until_its_lease_runs_out(pg: PgServer) -> None:
+    now = DAY.timestamp() + 3600
+    settings = BudgetSettings(accounts={"outage": AccountBudgets(account=(Limit("daily", 1.0),))})
+    b = Budgets(settings, clock=lambda: now)
+    book = b.fleet = LeaseBook(pg.url, b, ttl=6.0).start()  # admits on a slice up to 5 s after its last sync
+    k = key("outage")
+    try:
+        assert book.slice(k) > 0
+        pg.stop_server()
+        b.open("during", "outage", None, now)
+        assert b.reserve("during", "outage", None, 0.01, now).blocked is None  # the slice held: no database call
+        b.settle("during", 0.01)
+        wait_for(lambda: book.failing, "the lease thread to notice")
+        wait_for(lambda: book.slice(k) == 0.0, "the slice to lapse before its lease can expire")
+        b.open("later", "outage", None, now)
+        check = b.reserve("later", "outage", None, 0.01, now)
+        assert check.blocked is not None and check.blocked.slice_only(0.01)  # refused: fail closed
+        b.settle("later", None)
+    finally:
+        pg.start_server()
+    try:
+        wait_for(lambda: not book.failing and book.slice(k) > 0, "the slice to come back with the database")
+        b.open("after", "outage", None, now)
+        assert b.reserve("after", "outage", None, 0.01, now).blocked is None
+        b.settle("after", 0.01)
+    finally:
+        book.close()
+    granted, _, leases = period_row(pg.url, k)
+    assert granted == pytest.approx(0.02) and leases == pytest.approx(0.02)  # spent is all it holds after a stop
