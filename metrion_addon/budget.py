@@ -202,7 +202,9 @@ class Budgets:
         self._alerted: set[tuple[Key, str]] = set()
         self._pruned_on: datetime | None = None
         self.fleet: LeaseBook | None = None  # fleet mode: spend is shared through PostgreSQL leases
-        self.lock = threading.Lock()  # the event loop mutates; the in-flight file writer thread reads
+        # The event loop mutates; the in-flight file writer and lease threads read. In fleet mode a reservation's
+        # check and its booking happen under it, so the lease thread can lower a slice between two, never inside.
+        self.lock = threading.RLock()
 
     # -- periods -----------------------------------------------------------------------------------
 
@@ -306,6 +308,12 @@ class Budgets:
 
     def reserve(self, ticket: Hashable, account: str, user: str | None, amount: float, started: float) -> Check:
         """Reserve `amount` for an open ticket if it fits every hard budget; the Check says whether it did."""
+        if self.fleet is None:
+            return self._reserve(ticket, account, user, amount, started)
+        with self.lock:
+            return self._reserve(ticket, account, user, amount, started)
+
+    def _reserve(self, ticket: Hashable, account: str, user: str | None, amount: float, started: float) -> Check:
         check = self.check(account, user, amount, now=started)
         t = self._tickets.get(ticket)
         if check.blocked is None and t is not None and t.until is not None:

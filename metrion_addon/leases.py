@@ -248,7 +248,7 @@ class LeaseBook:
     def start(self) -> LeaseBook:
         try:
             self._turn()  # pre-lease every statically known budget before the port opens
-        except (psycopg.Error, OSError) as e:
+        except (psycopg.Error, OSError, LookupError) as e:
             self._lost(e)
         self._thread.start()
         return self
@@ -261,12 +261,10 @@ class LeaseBook:
             self._thread.join(15)
         try:
             conn = self._connection()
-            used = self._used()
-            for key in list(self._held):
+            for key, h in list(self._held.items()):
                 lim = self.budgets.limit_of(key)
                 if lim is not None:
-                    sync(conn, self.instance, key, lim.usd, used.get(key, 0.0), give_back=math.inf, ttl=self.ttl)
-                    self.round_trips += 1
+                    self._give_back(conn, key, lim, h, math.inf)
             self._held.clear()
         except (psycopg.Error, OSError, LookupError) as e:
             log.warning(
@@ -343,8 +341,7 @@ class LeaseBook:
             h = self._held.get(key)
             if end.timestamp() <= now:  # the period is over: give back what is left once nothing is in flight
                 if h is not None and key not in b._reserved:
-                    sync(conn, self.instance, key, lim.usd, u, give_back=math.inf, ttl=self.ttl)
-                    self.round_trips += 1
+                    self._give_back(conn, key, lim, h, math.inf)
                     del self._held[key]
                 self._wanted.pop(key, None)
                 continue
@@ -360,6 +357,19 @@ class LeaseBook:
         if self.failing:
             self.failing = False
             log.warning("metrion: PostgreSQL %s reachable again for budget leases", redacted(self.url))
+
+    def _give_back(self, conn: psycopg.Connection[Any], key: Key, lim: Limit, h: _Held, amount: float) -> Synced:
+        """Return up to `amount` of the slice's headroom. The slice is lowered here first, under the lock that
+        a reservation's check and booking share, so no request is admitted on money already on its way back."""
+        b = self.budgets
+        with b.lock:
+            used = b._spent.get(key, 0.0) + b._reserved.get(key, 0.0)
+            amount = min(amount, max(0.0, h.granted - used))
+            h.granted -= amount
+        s = sync(conn, self.instance, key, lim.usd, used, give_back=amount, ttl=self.ttl)
+        self.round_trips += 1
+        h.granted, h.used = s.granted, used
+        return s
 
     def _sync_key(
         self, conn: psycopg.Connection[Any], key: Key, lim: Limit, u: float, h: _Held | None, mono: float
@@ -377,18 +387,21 @@ class LeaseBook:
             size = max(free / (2 * (h.others_live + 1)), lim.usd / 100)  # a share of what is left, a floor
             head = h.granted - u
             if need > 0 or head < size / 2:  # low water, or a request that did not fit
-                want = max(size, need - max(0.0, head))
+                want = max(size, need)
             elif head > size and mono - h.active_at >= self.idle_return:
                 back = head - size  # idle: keep one low-water mark's worth, the rest is more use to the others
         if not (new or want > 0 or back > 0 or mono - h.synced_at >= self.heartbeat):
             return
-        s = sync(conn, self.instance, key, lim.usd, u, want, back, self.ttl)
-        self.round_trips += 1
-        h.granted, h.used, h.synced_at = s.granted, u, mono
+        if back > 0:
+            s = self._give_back(conn, key, lim, h, back)
+            h.active_at = mono
+        else:
+            s = sync(conn, self.instance, key, lim.usd, u, want, ttl=self.ttl)
+            self.round_trips += 1
+            h.granted, h.used = s.granted, u
+        h.synced_at = mono
         h.valid_until = mono + self.ttl - self.margin  # started before the server stamped expires_at
-        h.others = max(0.0, s.consumed - u)
+        h.others = max(0.0, s.consumed - h.used)
         h.free = max(0.0, lim.usd - s.total)
         h.others_live = s.others_live
-        if back > 0:
-            h.active_at = mono
         self._held[key] = h
