@@ -143,7 +143,7 @@ def sync(
         if got_total is None:
             raise LookupError("budget period row missing")
         got, total, seed = (float(v) for v in got_total)
-        granted = old + extra + got - back
+        granted = used if back > 0 and back >= max(old, used) - used else old + extra + got - back  # exact at 0
         conn.execute(
             "INSERT INTO budget_leases (instance, scope, period, period_start, granted, used, expires_at) "
             "VALUES (%(instance)s, %(scope)s, %(period)s, %(start)s, %(granted)s, %(used)s, "
