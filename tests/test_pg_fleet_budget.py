@@ -1,13 +1,15 @@
 """A hard budget across a fleet: three proxies on one PostgreSQL share one daily budget through leases. A burst of
 60 concurrent slow requests (20 on each proxy) whose worst cases add up to 8 times the limit: the fleet's real
 spend stays within the limit plus the estimation error (0 here), refused requests get Anthropic's 429 and never
-reach the upstream, and once the proxies stop, every unspent slice is back in the database."""
+reach the upstream, and once the proxies stop, every unspent slice is back in the database. And a proxy killed
+with its slice: the other gets that slice once the dead lease has expired."""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -56,8 +58,6 @@ def fleet_rows(url: str) -> list[tuple[float | None, str | None]]:
 
 
 def wait_rows(url: str, n: int, timeout: float = 60.0) -> list[tuple[float | None, str | None]]:
-    import time
-
     deadline = time.monotonic() + timeout
     while len(rows := fleet_rows(url)) < n:
         assert time.monotonic() < deadline, f"only {len(rows)} of {n} rows reached PostgreSQL"
@@ -131,3 +131,84 @@ def test_a_hard_budget_holds_across_three_proxies_under_a_burst(
     syncs = [int(m) for p in proxies for m in re.findall(r"budget leases: (\d+) syncs", p.log.read_text())]
     print(f"lease round trips (syncs with PostgreSQL) per proxy over the whole run: {syncs}, for 60 requests")
     assert float(used) == pytest.approx(spent), "what the leases say was used is what the rows cost"
+
+
+def test_a_dead_proxys_slice_is_reclaimed_when_its_lease_expires(
+    pg: PgServer, fake: FakeUpstream, tmp_path: Path
+) -> None:
+    """kill -9 a proxy holding half of a budget: the other refuses what does not fit the rest, then admits again
+    once the dead lease has expired (30 s) and been reclaimed, and the fleet still spends within the limit."""
+    fake.add("fleet-dead", Scenario(usage=USAGE))
+    config = CONFIG.replace("name: fleet", "name: dead").replace(TOKEN, TOKEN.replace("fleet", "deadp"))
+    token = TOKEN.replace("fleet", "deadp")
+    (tmp_path / "p0").mkdir()
+    (tmp_path / "p1").mkdir()
+    first = start_proxy(tmp_path / "p0", fake.url, config, db=pg.url)  # type: ignore[arg-type]
+    second = start_proxy(tmp_path / "p1", fake.url, config, db=pg.url)  # type: ignore[arg-type]
+    scope = json.dumps(["dead", None, False])
+    try:
+        with psycopg.connect(pg.url) as conn:
+            dead, held = conn.execute(
+                "SELECT instance, granted FROM budget_leases WHERE scope = %s ORDER BY granted DESC LIMIT 1", (scope,)
+            ).fetchone()  # type: ignore[misc]
+        assert float(held) >= LIMIT / 4  # the first proxy took the larger slice at start
+        first.proc.kill()  # no clean stop: its slice is not given back
+        first.proc.wait(10)
+        body = json.dumps(
+            {"model": "claude-test-1", "max_tokens": 500, "messages": [{"role": "user", "content": "word " * 400}]}
+        )
+        headers = {"x-api-key": token, "content-type": "application/json", "x-fake-scenario": "fleet-dead"}
+        served, refused_before = 0, None
+        with httpx.Client(base_url=second.url, timeout=30) as c:
+            for _ in range(100):  # until what the dead proxy holds is all that is left
+                a = c.post("/v1/messages", content=body, headers=headers)
+                if a.status_code == 429 and "held by other proxies" in a.json()["error"]["message"]:
+                    refused_before = a
+                    break
+                if a.status_code == 200:
+                    served += 1
+            assert refused_before is not None and refused_before.headers["retry-after"] == "30"
+            deadline = time.monotonic() + 120
+            while True:  # the lease expires 30 s after the dead proxy's last sync; any proxy then reclaims it
+                with psycopg.connect(pg.url) as conn:
+                    unspent = conn.execute(
+                        "SELECT granted - used FROM budget_leases WHERE scope = %s AND instance = %s", (scope, dead)
+                    ).fetchone()[0]  # type: ignore[index]
+                if float(unspent) == 0:
+                    break
+                assert time.monotonic() < deadline, "the dead proxy's lease was never reclaimed"
+                time.sleep(0.5)
+            # A refusal asks the lease thread for more (it has seen the budget exhausted): the client's retry gets it.
+            deadline = time.monotonic() + 60
+            while (a := c.post("/v1/messages", content=body, headers=headers)).status_code != 200:
+                assert a.status_code == 429 and time.monotonic() < deadline, "the reclaimed slice was never leased"
+                time.sleep(0.2)
+            after = 1
+            while time.monotonic() < deadline:  # on until the budget is used up (a slice renewal: retried)
+                a = c.post("/v1/messages", content=body, headers=headers)
+                if a.status_code == 200:
+                    after += 1
+                elif "getting this proxy's share" in a.json()["error"]["message"]:
+                    time.sleep(0.1)
+                else:
+                    break
+            assert a.status_code == 429 and a.json()["error"]["message"].startswith("metrion budget exceeded:")
+        deadline = time.monotonic() + 60
+        while True:  # every served request's row (their rows go to PostgreSQL off the event loop)
+            with psycopg.connect(pg.url) as conn:
+                n, spent = conn.execute(
+                    "SELECT count(*), COALESCE(SUM(cost_usd), 0) FROM requests WHERE account = 'dead' AND error IS NULL"
+                ).fetchone()  # type: ignore[misc]
+            if n >= served + after:
+                break
+            assert time.monotonic() < deadline, f"only {n} of {served + after} rows reached PostgreSQL"
+            time.sleep(0.1)
+        assert n == served + after
+        print(
+            f"\ndead proxy: {served} served before its lease expired, {after} after it was reclaimed; "
+            f"spent ${float(spent):.4f} of ${LIMIT}"
+        )
+        assert float(spent) <= LIMIT + 1e-9
+    finally:
+        stop_proxy(second)
+        stop_proxy(first)
