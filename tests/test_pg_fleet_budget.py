@@ -114,11 +114,13 @@ def test_a_hard_budget_holds_across_three_proxies_under_a_burst(
         print(
             f"\nfleet burst: 60 concurrent slow requests over 3 proxies against a ${LIMIT} hard daily budget: "
             f"{len(served)} served, {len(refused)} refused; spent ${spent:.4f} (overshoot "
-            f"${max(0.0, spent - LIMIT):.4f}); served requests reserved ${reserved:.4f} = {reserved / LIMIT:.0%} "
-            f"of the limit; slices granted ${float(granted):.4f} over {trips} leases"
+            f"${max(0.0, spent - LIMIT):.4f}); served requests reserved ${reserved:.4f} at admission = "
+            f"{reserved / LIMIT:.0%} of the limit (more than 100% when some finish before others arrive); "
+            f"slices granted ${float(granted):.4f} over {trips} leases"
         )
         assert spent <= LIMIT + 1e-9  # the bound: limit + estimation error, which is 0 with this usage
-        assert reserved <= LIMIT + 1e-9  # the slices never add up to more than the limit
+        # The slices never add up to more than the limit (a served request's reservation, once it finished, is
+        # replaced by its real cost: on a loaded machine the burst spreads out and more requests fit).
         assert float(granted) == pytest.approx(float(leases)) and float(granted) <= LIMIT + 1e-9
     finally:
         for p in proxies:
