@@ -90,11 +90,20 @@ class Gate:
         self._max: tuple[str, Rates] | None = None  # (UTC day, rates): prices change by date
         self.test_clock = False  # metrion_test_clock: request times follow the test clock (see shift)
 
-    def start(self, database: Path, connect: Callable[[Path], sqlite3.Connection]) -> Gate:
+    def start(
+        self, database: Path, connect: Callable[[Path], sqlite3.Connection], fleet_url: str | None = None
+    ) -> Gate:
+        """Seed the current periods' spend from the database; with `fleet_url` (PostgreSQL), budgets are shared
+        with the other proxies through leases instead (leases.py), and `database` is only the local spool."""
         if self.settings.any:
+            if fleet_url:
+                from metrion_addon.leases import LeaseBook  # psycopg: fleet mode only
+
+                self.budgets.fleet = LeaseBook(fleet_url, self.budgets).start()
             conn = connect(database)
             try:
-                self.budgets.seed(conn)  # a restart neither forgets nor double-counts this period's spend
+                if not fleet_url:
+                    self.budgets.seed(conn)  # a restart neither forgets nor double-counts this period's spend
                 self.batches.seed(conn, self.budgets.clock())  # nor what unmetered batches still reserve
             finally:
                 conn.close()
@@ -103,6 +112,9 @@ class Gate:
         return self
 
     def close(self) -> None:
+        if self.budgets.fleet is not None:
+            self.budgets.fleet.close()  # after the requests in flight settled: unspent slices go back
+            self.budgets.fleet = None
         if self.inflight is not None:
             self.inflight.close()
             self.inflight = None
@@ -261,5 +273,20 @@ class Gate:
 
     def _refusal(self, check: Check) -> Refusal:
         assert check.blocked is not None
+        b = check.blocked
+        if self.budgets.fleet is not None and b.slice_only(check.asked):
+            free = self.budgets.fleet.free((b.scope, b.limit.period, b.period_start))
+            if self.budgets.fleet.failing:
+                why, retry = "cannot be had while the fleet's budget database is unreachable", "5"
+            elif free is None or free > 0:
+                why, retry = "is getting this proxy's share of it from the fleet's database", "1"
+            else:  # handed out: other proxies hold the rest, until they spend it, go idle or their leases expire
+                why, retry = "is held by other proxies of the fleet for now", "30"
+            asked = f"this request's worst-case cost of ${check.asked:,.4f}" if check.asked else "this request"
+            msg = (
+                f"metrion budget: {b.name} of ${b.limit.usd:,.2f} (spent fleet-wide about ${b.spent:,.4f}) cannot "
+                f"cover {asked} on this proxy yet: the rest of it {why}; retry in {retry} s"
+            )
+            return Refusal(429, "rate_limit_error", msg, "budget_exceeded", retry)
         retry = str(self.budgets.retry_after(check.blocked))
         return Refusal(429, "rate_limit_error", check.blocked.message(check.asked), "budget_exceeded", retry)

@@ -20,11 +20,15 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from metrion_addon import periods
 from metrion_addon.labels import LabelError, label_key
 from metrion_addon.schema import iso_ms
+
+if TYPE_CHECKING:  # psycopg loads only in fleet mode
+    from metrion_addon.leases import LeaseBook
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +76,33 @@ class BudgetState:
     spent: float
     period_start: datetime
     resets_at: datetime
-    reserved: float = 0.0  # by requests in flight
+    reserved: float = 0.0  # by requests in flight (on this proxy)
+    own: float = 0.0  # fleet mode: this proxy's own spend (`spent` is the fleet's, as last read)
+    allowance: float | None = None  # fleet mode, hard limit: the slice this proxy holds (leases.py)
 
     @property
     def remaining(self) -> float:
         return self.limit.usd - self.spent - self.reserved
+
+    def over(self, amount: float) -> bool:
+        """Whether a hard limit refuses a request of worst case `amount` (0: whether it is used up). In fleet
+        mode the proxy's slice is the limit it admits against: the slices never add up to more than the limit."""
+        if self.allowance is None:
+            local = False
+        elif amount > 0:
+            local = self.own + self.reserved + amount > self.allowance + _EPS
+        else:
+            local = self.own + self.reserved >= self.allowance
+        return local or self.over_limit(amount)
+
+    def over_limit(self, amount: float) -> bool:
+        if amount > 0:
+            return self.spent + self.reserved + amount > self.limit.usd + _EPS
+        return self.spent + self.reserved >= self.limit.usd
+
+    def slice_only(self, amount: float) -> bool:
+        """Fleet mode: refused by this proxy's slice while the fleet's budget, as last read, has room."""
+        return self.allowance is not None and not self.over_limit(amount)
 
     @property
     def exceeded(self) -> bool:
@@ -175,7 +201,10 @@ class Budgets:
         self._warned: set[Key] = set()
         self._alerted: set[tuple[Key, str]] = set()
         self._pruned_on: datetime | None = None
-        self.lock = threading.Lock()  # the event loop mutates; the in-flight file writer thread reads
+        self.fleet: LeaseBook | None = None  # fleet mode: spend is shared through PostgreSQL leases
+        # The event loop mutates; the in-flight file writer and lease threads read. In fleet mode a reservation's
+        # check and its booking happen under it, so the lease thread can lower a slice between two, never inside.
+        self.lock = threading.RLock()
 
     # -- periods -----------------------------------------------------------------------------------
 
@@ -197,13 +226,34 @@ class Budgets:
     def applies(self, account: str, user: str | None, hard_only: bool = False) -> bool:
         return any(lim.hard or not hard_only for _, lim in self._limits(account, user))
 
+    def limit_of(self, key: Key) -> Limit | None:
+        scope, period, _ = key
+        return next((lim for s, lim in self._limits(scope[0], scope[1]) if s == scope and lim.period == period), None)
+
+    def known_keys(self, now: float) -> list[Key]:
+        """The current periods of every budget known without traffic: accounts', named users', no label's."""
+        out: list[Key] = []
+        for account, spec in self.settings.accounts.items():
+            for user in (None, *spec.users):
+                for scope, lim in self._limits(account, user):
+                    if user is None or scope[2]:
+                        out.append((scope, lim.period, self.period(lim.period, now)[0]))
+        return list(dict.fromkeys(out))
+
+    def _state(self, scope: Scope, lim: Limit, start: datetime, end: datetime) -> BudgetState:
+        key = (scope, lim.period, start)
+        own, reserved = self._spent.get(key, 0.0), self._reserved.get(key, 0.0)
+        if self.fleet is None:
+            return BudgetState(scope, lim, own, start, end, reserved)
+        allowance = self.fleet.slice(key) if lim.hard else None
+        return BudgetState(scope, lim, own + self.fleet.others(key), start, end, reserved, own, allowance)
+
     def states(self, account: str, user: str | None, now: float | None = None) -> list[BudgetState]:
         now = self.clock() if now is None else now
         states = []
         for scope, lim in self._limits(account, user):
             start, end = self.period(lim.period, now)
-            key = (scope, lim.period, start)
-            states.append(BudgetState(scope, lim, self._spent.get(key, 0.0), start, end, self._reserved.get(key, 0.0)))
+            states.append(self._state(scope, lim, start, end))
         return states
 
     def check(
@@ -215,10 +265,12 @@ class Budgets:
         states = self.states(account, user, now)
         if not states:
             return Check(None, (), None)
-        if amount > 0:
-            hard = [s for s in states if s.limit.hard and s.spent + s.reserved + amount > s.limit.usd + _EPS]
-        else:
-            hard = [s for s in states if s.limit.hard and s.spent + s.reserved >= s.limit.usd]
+        hard = [s for s in states if s.limit.hard and s.over(amount)]
+        if self.fleet is not None:
+            for s in hard:
+                if s.slice_only(amount):  # the lease thread asks the fleet for more (this request is refused meanwhile)
+                    need = s.own + s.reserved + amount - (s.allowance or 0.0)
+                    self.fleet.want((s.scope, s.limit.period, s.period_start), max(need, 0.0))
         warnings = tuple(s for s in states if not s.limit.hard and s.exceeded)
         for s in warnings:
             key = (s.scope, s.limit.period, s.period_start)
@@ -226,7 +278,8 @@ class Budgets:
                 self._warned.add(key)
                 log.warning("metrion: soft limit reached: %s", s.message())
         for s in hard if alert else ():
-            self._alert("hard", s)  # a request refused by a hard limit
+            if not s.slice_only(amount):
+                self._alert("hard", s)  # a request refused by a hard limit
         blocked = max(hard, key=lambda s: s.resets_at, default=None)  # passes only once all have reset
         asked = amount if blocked is not None and not blocked.exceeded else 0.0
         return Check(blocked, warnings, max(0.0, min(s.remaining for s in states)), asked)
@@ -255,6 +308,12 @@ class Budgets:
 
     def reserve(self, ticket: Hashable, account: str, user: str | None, amount: float, started: float) -> Check:
         """Reserve `amount` for an open ticket if it fits every hard budget; the Check says whether it did."""
+        if self.fleet is None:
+            return self._reserve(ticket, account, user, amount, started)
+        with self.lock:
+            return self._reserve(ticket, account, user, amount, started)
+
+    def _reserve(self, ticket: Hashable, account: str, user: str | None, amount: float, started: float) -> Check:
         check = self.check(account, user, amount, now=started)
         t = self._tickets.get(ticket)
         if check.blocked is None and t is not None and t.until is not None:
@@ -376,10 +435,9 @@ class Budgets:
             )
             if lim is None:
                 continue
-            key = (scope, period, start)
-            spent = self._spent.get(key, 0.0)
             end = self.period(period, start.timestamp())[1]
-            state = BudgetState(scope, lim, spent, start, end, self._reserved.get(key, 0.0))
+            state = self._state(scope, lim, start, end)
+            spent = state.spent
             if not lim.hard and spent >= lim.usd:
                 self._alert("soft", state)
             if lim.hard and spent >= 0.8 * lim.usd:
@@ -440,11 +498,7 @@ class Budgets:
                 lim = next((x for x in spec.user_default if x.period == period), None)
                 if lim is not None and start == self.period(period, now)[0]:
                     seen.add((scope, period))
-                    key = (scope, period, start)
-                    end = self.period(period, now)[1]
-                    out.append(
-                        BudgetState(scope, lim, self._spent.get(key, 0.0), start, end, self._reserved.get(key, 0.0))
-                    )
+                    out.append(self._state(scope, lim, start, self.period(period, now)[1]))
         return out
 
     def add_reserved(self, key: Key, usd: float) -> None:

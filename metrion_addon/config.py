@@ -352,11 +352,6 @@ def parse_config(text: str, path: Path, env: dict[str, str] | None) -> Config:
             raise ctx.fail(key, top[key], f"must be {' or '.join(map(repr, allowed))}")
     unknown = top["unknown_model_budget"].value if "unknown_model_budget" in top else "max_rate"
     kw["budgets"] = BudgetSettings(timezone=tz, block_unknown_models=block, accounts=budgets, unknown_model=unknown)
-    if budgets and kw.get("database_url"):
-        raise ConfigError(
-            f"{path}: field 'database': budgets with a PostgreSQL database are not supported yet (budgets are "
-            "kept per proxy; fleet-wide budgets are the next step): use a SQLite database, or remove the budgets"
-        )
     if "bound_user_header" in top:
         kw["bound_user_header"] = top["bound_user_header"].value
     if "alerts" in top:

@@ -80,7 +80,17 @@ def _create_requests(conn: psycopg.Connection[Any]) -> None:
         conn.execute(f"CREATE INDEX ON requests ({', '.join(_q(c) for c in cols_)})")
 
 
-PG_MIGRATIONS: list[Callable[[psycopg.Connection[Any]], None]] = [_create_requests, create_batches_table]
+def _create_budget_leases(conn: psycopg.Connection[Any]) -> None:
+    from metrion_addon.leases import create_tables  # fleet budgets (leases.py)
+
+    create_tables(conn)
+
+
+PG_MIGRATIONS: list[Callable[[psycopg.Connection[Any]], None]] = [
+    _create_requests,
+    create_batches_table,
+    _create_budget_leases,
+]
 
 
 def pg_migrate(conn: psycopg.Connection[Any]) -> None:

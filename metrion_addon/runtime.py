@@ -54,7 +54,8 @@ class Runtime:
         gate = Gate(config.budgets, pricer, file_clock(options.metrion_test_clock), config.alerts)
         gate.test_clock = bool(options.metrion_test_clock)
         try:
-            gate.start(config.database, connect)  # seeds this period's spend: a restart neither forgets nor doubles
+            # seeds this period's spend (a restart neither forgets nor doubles); over PostgreSQL, leases a share of it
+            gate.start(config.database, connect, config.database_url)
             ops.configure(options, config, store, gate.budgets, pricer)
         except Exception as e:
             gate.close()

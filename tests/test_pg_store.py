@@ -156,14 +156,14 @@ def test_database_url_password_from_env_never_printed(tmp_path: Path) -> None:
         load_config(cfg, env={})
 
 
-def test_budgets_with_postgresql_are_refused_for_now(tmp_path: Path) -> None:
+def test_budgets_with_postgresql_are_fleet_budgets(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text(
         "database: postgresql://metrion@127.0.0.1:5999/metrion\n"
         "accounts: [{name: a, tokens: [sk-metrion-aaaaaaaaaaaa], anthropic_api_key: k, budget: {daily: 5}}]\n"
     )
-    with pytest.raises(ConfigError, match="budgets with a PostgreSQL database"):
-        load_config(cfg)
+    config = load_config(cfg)  # no longer refused: the budget is shared by the fleet through leases
+    assert config.database_url and config.budgets.any
 
 
 # --- end to end ----------------------------------------------------------------------------------------
