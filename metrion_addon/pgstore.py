@@ -79,7 +79,15 @@ def _create_requests(conn: psycopg.Connection[Any]) -> None:
         conn.execute(f"CREATE INDEX ON requests ({', '.join(_q(c) for c in cols_)})")
 
 
-PG_MIGRATIONS: list[Callable[[psycopg.Connection[Any]], None]] = [_create_requests]
+def _report_indexes(conn: psycopg.Connection[Any]) -> None:
+    """What `metrion report` reads on the server: `top` walks the most expensive rows first (ORDER BY cost_usd
+    DESC, id), and the `--model` prefix is a byte range (COLLATE "C", as SQLite compares). The other views are
+    aggregates over the ts range, served by the `ts` and (account|user, ts) indexes."""
+    conn.execute("CREATE INDEX IF NOT EXISTS requests_cost_top ON requests (cost_usd DESC, id)")
+    conn.execute('CREATE INDEX IF NOT EXISTS requests_model_c ON requests ((model COLLATE "C"), ts)')
+
+
+PG_MIGRATIONS: list[Callable[[psycopg.Connection[Any]], None]] = [_create_requests, _report_indexes]
 
 
 def pg_migrate(conn: psycopg.Connection[Any]) -> None:
