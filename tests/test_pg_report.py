@@ -236,3 +236,30 @@ def test_an_empty_postgresql_store_is_exit_5(dbs: tuple[Path, str], capsys: pyte
         conn.execute("CREATE TABLE IF NOT EXISTS empty.requests (LIKE public.requests)")
     code, _, err = run(["--db", f"{url}?options=-csearch_path%3Dempty"], capsys)
     assert code == 5 and "no requests recorded yet" in err
+
+
+def test_watch_over_postgresql_sees_new_rows_at_each_refresh(
+    dbs: tuple[Path, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from metrion_addon.report import cli as report_cli
+
+    _, url = dbs
+    refreshes = []
+
+    def sleep(_: float) -> None:  # between refreshes: a proxy writes a row; after the second, Ctrl-C
+        refreshes.append(1)
+        if len(refreshes) == 2:
+            raise KeyboardInterrupt
+        with psycopg.connect(url) as conn:
+            conn.execute("INSERT INTO requests (row_id, ts, account, cost_usd) VALUES (gen_random_uuid(), now(), "
+                         "'watcher', 0.5)")  # fmt: skip
+
+    monkeypatch.setattr(report_cli.time, "sleep", sleep)
+    monkeypatch.setenv("COLUMNS", "200")
+    try:
+        code, out, _ = run(["--watch", "--by", "account", "--account", "watcher", "--db", url, "--utc"], capsys)
+        assert code == 0 and "watcher" in out and "$0.50" in out and "Ctrl-C to stop" in out
+        assert "postgresql://metrion@" in out
+    finally:
+        with psycopg.connect(url) as conn:
+            conn.execute("DELETE FROM requests WHERE account = 'watcher'")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sqlite3
 import sys
 import time
 from dataclasses import replace
@@ -25,12 +24,11 @@ from metrion_addon.report.db import (
     check_not_empty,
     connect,
     db_errors,
-    open_db,
     read_config,
     resolve_db,
 )
 from metrion_addon.report.output import to_csv, to_json
-from metrion_addon.report.queries import DIMENSIONS, Filters, Options
+from metrion_addon.report.queries import DIMENSIONS, Db, Filters, Options
 from metrion_addon.report.terminal import SUMMARY_CHART_PERIODS, print_unsqueezed, render
 from metrion_addon.report.views import VIEWS, run_view
 from metrion_addon.report.when import parse_when
@@ -108,29 +106,34 @@ def options_from_args(args: argparse.Namespace, now: datetime | None = None) -> 
     return Options(filters=filters, by=by, utc=args.utc, limit=args.limit, period=args.period)
 
 
-def watch(path: Path, view: str, opts: Options, console: Console, interval: float) -> None:
-    conn: sqlite3.Connection | None = None
+def watch(source: Path | str, view: str, opts: Options, console: Console, interval: float) -> None:
+    db: Db | None = None
+    shown = source if isinstance(source, Path) else _redacted(source)
     with Live(console=console, auto_refresh=False) as live:
         while True:
             try:
-                conn = conn or open_db(path)
-                check_not_empty(conn, path)
-                body: RenderableType = Group(*render(run_view(conn, view, opts), opts))
+                db = db or connect(source)
+                check_not_empty(db, source)
+                body: RenderableType = Group(*render(run_view(db, view, opts), opts))
+                if db.pg:
+                    db.conn.rollback()  # the next refresh reads a new snapshot
             except ReportError as e:
                 body = Text(e.message, style="yellow")
-            stamp = Text(f"{path} · updated {datetime.now():%H:%M:%S} · Ctrl-C to stop", style="dim")
+            stamp = Text(f"{shown} · updated {datetime.now():%H:%M:%S} · Ctrl-C to stop", style="dim")
             live.update(Group(body, stamp), refresh=True)
             time.sleep(interval)
+
+
+def _redacted(url: str) -> str:
+    from metrion_addon.pgstore import redacted
+
+    return redacted(url)
 
 
 def _one_line(e: Exception, source: Path | str) -> str:
     """A database error in one line; never a PostgreSQL password."""
     text = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
-    if isinstance(source, str):
-        from metrion_addon.pgstore import redacted
-
-        text = text.replace(source, redacted(source))
-    return text
+    return text.replace(source, _redacted(source)) if isinstance(source, str) else text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.view in ("budgets", "html"):
             opts = replace(opts, budgets=config.budgets if config is not None else None)
         source = resolve_db(args.db, config)  # a Path (SQLite) or a PostgreSQL URL
-        if args.watch and isinstance(source, str):
-            raise ReportError("--watch reads SQLite databases only", EXIT_USAGE)
         if args.view == "html":  # one self-contained page: metrion_addon/report/html.py
             from metrion_addon.report.html import write_report
 
@@ -161,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         if not console.is_terminal and "COLUMNS" not in os.environ:
             console = Console(width=200)  # piped to a file or pager: no terminal width to fit
         if args.watch:
-            assert isinstance(source, Path)
             with contextlib.suppress(KeyboardInterrupt):
                 watch(source, args.view, opts, console, max(0.2, args.interval))
             return EXIT_OK
