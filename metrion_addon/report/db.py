@@ -77,7 +77,12 @@ def open_pg(url: str) -> Any:
     from metrion_addon.pgstore import redacted
 
     try:
-        conn = psycopg.connect(url, connect_timeout=10)
+        # jit off: compiling a report's expressions took longer than running them (1.3 s of 1.9 s on 1M rows);
+        # work_mem: a report's group-by fits in memory instead of spilling its sorts to disk.
+        conn = psycopg.connect(url, connect_timeout=10, autocommit=True)
+        conn.execute("SET jit = off")
+        conn.execute("SET work_mem = '64MB'")
+        conn.autocommit = False
         conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         columns = {

@@ -261,14 +261,20 @@ def _pg_bound(ts: str) -> str:
 def _pg_periods(periods: list[Period], where: str) -> tuple[str, list[Any]]:
     """PostgreSQL's source of rows numbered by period (`r.period_i`, 1-based): `width_bucket` over the lower
     bounds when the periods are contiguous (they are: each hi is the next lo), else a join on both bounds."""
+    lows = [_pg_bound(lo) for _, lo, _ in periods]
     if all(periods[i][2] == periods[i + 1][1] for i in range(len(periods) - 1)):
-        sql = f"(SELECT width_bucket(r.ts, ?::timestamptz[]) AS period_i, r.* FROM requests r{where}) r"
-        return sql, [[_pg_bound(lo) for _, lo, _ in periods]]
+        # Joined to the numbered periods rather than grouped by width_bucket() itself: the planner then expects
+        # as many groups as periods (not one per row) and aggregates in a hash table instead of sorting all rows.
+        sql = (
+            "(SELECT p.i AS period_i, r.* FROM requests r JOIN unnest(?::timestamptz[]) WITH ORDINALITY p(lo, i)"
+            f" ON p.i = width_bucket(r.ts, ?::timestamptz[]){where}) r"
+        )
+        return sql, [lows, lows]
     sql = (
         "(SELECT p.i AS period_i, r.* FROM unnest(?::timestamptz[], ?::timestamptz[]) WITH ORDINALITY p(lo, hi, i)"
         f" JOIN requests r ON r.ts >= p.lo AND r.ts < p.hi{where.replace(' WHERE ', ' AND ', 1)}) r"
     )
-    return sql, [[_pg_bound(lo) for _, lo, _ in periods], [_pg_bound(hi) for _, _, hi in periods]]
+    return sql, [lows, [_pg_bound(hi) for _, _, hi in periods]]
 
 
 def aggregate(
