@@ -179,9 +179,10 @@ def _with_db(source: Path | str, work: Callable[[Db], Any]) -> Any:
 
 
 def collect(source: Path | str, opts: Options, stack: str, now: datetime | None = None) -> Page:
-    """All the page's numbers, from a SQLite file (Path) or PostgreSQL (URL). SQLite: three read-only
-    connections work at once (SQLite releases the GIL): the terminal views on one, the day groups (odd and even
-    days) on two; then the roll-up and the top requests. PostgreSQL: one connection, the server groups."""
+    """All the page's numbers, from a SQLite file (Path) or PostgreSQL (URL). Read-only connections work at once
+    (SQLite releases the GIL; PostgreSQL works in its own processes): the terminal views on one, the day groups
+    on the others (SQLite: odd and even days on two; PostgreSQL: every day in one query, on one); then the
+    roll-up and the top requests."""
     opts = replace(opts, period="day", limit=None)
     with_budgets = opts.budgets is not None and opts.budgets.any
 
@@ -191,20 +192,15 @@ def collect(source: Path | str, opts: Options, stack: str, now: datetime | None 
         return summary, errors, view_budgets(db, opts) if with_budgets else None
 
     if isinstance(source, str):
-
-        def everything(db: Db) -> tuple[Any, ...]:
-            days = all_day_groups(db, opts)
-            parts = roll_up(days, stack)
-            return *views(db), parts, top_requests(db, opts, parts.pop("maxima"))
-
-        summary, errors, budgets, parts, top = _with_db(source, everything)
+        day_parts: list[Callable[[Db], list[Day]]] = [lambda db: all_day_groups(db, opts)]
     else:
-        with ThreadPoolExecutor(max_workers=3) as pool:
-            first = pool.submit(_with_db, source, views)
-            halves = [pool.submit(_with_db, source, lambda c, i=i: day_groups(c, opts, i, 2)) for i in range(2)]
-            days = [d for h in halves for d in h.result()]
-            summary, errors, budgets = first.result()
-        parts = roll_up(days, stack)
-        top = _with_db(source, lambda c: top_requests(c, opts, parts.pop("maxima")))
+        day_parts = [lambda db, i=i: day_groups(db, opts, i, 2) for i in range(2)]
+    with ThreadPoolExecutor(max_workers=1 + len(day_parts)) as pool:
+        first = pool.submit(_with_db, source, views)
+        parts_ = [pool.submit(_with_db, source, work) for work in day_parts]
+        days = [d for h in parts_ for d in h.result()]
+        summary, errors, budgets = first.result()
+    parts = roll_up(days, stack)
+    top = _with_db(source, lambda c: top_requests(c, opts, parts.pop("maxima")))
     return Page(opts, stack, summary.rows[0], top=top, errors=errors, budgets=budgets,
                 generated=now or datetime.now(), **parts)  # fmt: skip
