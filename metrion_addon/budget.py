@@ -17,10 +17,10 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from metrion_addon import periods
@@ -36,6 +36,11 @@ PERIODS = ("daily", "monthly")
 _CALENDAR = {"daily": "day", "monthly": "month"}  # budget period -> periods.py period
 ALERT_EVENTS = ("soft", "hard_80", "hard")
 _EPS = 1e-12  # float noise: a reservation that fits to the last bit fits
+# Spend per account and user in [since, until), in the report's SQL notation (`?`, `[user]`), {cost} the column.
+SEED_SQL = (
+    "SELECT account, [user], SUM({cost}) FROM requests WHERE ts >= ? AND ts < ? AND account IS NOT NULL "
+    "AND {cost} IS NOT NULL GROUP BY account, [user]"
+)
 RETAIN_DAYS = 3  # past periods kept in memory (a request still in flight settles into the period it started in)
 
 
@@ -459,22 +464,30 @@ class Budgets:
         """Load the current periods' spend from the database, so a restart neither forgets nor double-counts.
 
         Rows are counted by their `ts`, the request's start time: the same periods the live counter used."""
-        now = self.clock() if now is None else now
         has_budget_usd = any(r[1] == "budget_usd" for r in conn.execute("PRAGMA table_info(requests)"))
         cost = "COALESCE(cost_usd, budget_usd)" if has_budget_usd else "cost_usd"  # unpriced: its reservation
+        self.seed_from(
+            lambda since, until, c: conn.execute(SEED_SQL.format(cost=c), (iso_ms(since), iso_ms(until))).fetchall(),
+            now,
+            cost,
+        )
+
+    def seed_from(
+        self,
+        spend: Callable[[datetime, datetime, str], Iterable[tuple[Any, ...]]],
+        now: float | None = None,
+        cost: str = "COALESCE(cost_usd, budget_usd)",
+    ) -> None:
+        """`seed` from any database: `spend(since, until, cost)` runs SEED_SQL (cost: the column expression) and
+        returns its (account, user, spend) rows."""
+        now = self.clock() if now is None else now
         for period in PERIODS:
             start, end = self.period(period, now)
-            since, until = iso_ms(start), iso_ms(end)
-            rows = conn.execute(
-                f"SELECT account, user, SUM({cost}) FROM requests WHERE ts >= ? AND ts < ? AND account IS NOT NULL "
-                f"AND {cost} IS NOT NULL GROUP BY account, user",
-                (since, until),
-            ).fetchall()
-            for account, user, total in rows:
+            for account, user, total in spend(start, end, cost):
                 for scope, lim in self._limits(account, db_label_key(user)):
                     if lim.period == period:
                         key = (scope, period, start)
-                        self._spent[key] = self._spent.get(key, 0.0) + (total or 0.0)
+                        self._spent[key] = self._spent.get(key, 0.0) + float(total or 0.0)
         for key, spent in self._spent.items():  # thresholds already crossed before a restart: alerted then
             scope, period, start = key
             for s, lim in self._limits(scope[0], scope[1]):

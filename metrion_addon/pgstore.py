@@ -86,10 +86,19 @@ def _create_budget_leases(conn: psycopg.Connection[Any]) -> None:
     create_tables(conn)
 
 
+def _report_indexes(conn: psycopg.Connection[Any]) -> None:
+    """What `metrion report` reads on the server: `top` walks the most expensive rows first (ORDER BY cost_usd
+    DESC, id), and the `--model` prefix is a byte range (COLLATE "C", as SQLite compares). The other views are
+    aggregates over the ts range, served by the `ts` and (account|user, ts) indexes."""
+    conn.execute("CREATE INDEX IF NOT EXISTS requests_cost_top ON requests (cost_usd DESC, id)")
+    conn.execute('CREATE INDEX IF NOT EXISTS requests_model_c ON requests ((model COLLATE "C"), ts)')
+
+
 PG_MIGRATIONS: list[Callable[[psycopg.Connection[Any]], None]] = [
     _create_requests,
     create_batches_table,
     _create_budget_leases,
+    _report_indexes,
 ]
 
 

@@ -5,7 +5,6 @@ server restart under load."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from collections.abc import Iterator
@@ -269,48 +268,3 @@ def test_db_copy_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["db", "copy", "postgresql://metrion:hunter2@127.0.0.1:1/x", str(tmp_path / "x.db")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("metrion db copy: ") and "hunter2" not in err
-
-
-# --- the report over PostgreSQL ------------------------------------------------------------------------------
-
-
-REPORT_ARGS = [
-    [],
-    ["--by", "model"],
-    ["--by", "account,user"],
-    ["--by", "day"],
-    ["--by", "model", "--by", "hour"],
-    ["top", "--limit", "5"],
-    ["errors"],
-    ["chart", "--period", "week"],
-    ["--since", "2026-11-01T12:00", "--until", "2026-11-03"],
-    ["--account", "alpha", "--user", "ann", "--model", "claude-sonnet"],
-    ["--account", "nobody"],  # matches nothing: an empty view, not an error, in both
-]
-
-
-@pytest.mark.parametrize("args", REPORT_ARGS, ids=lambda a: " ".join(a) or "summary")
-def test_every_view_reads_the_same_from_postgresql_as_from_sqlite(
-    url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
-) -> None:
-    """The same rows in both engines (the report test's fixture rows, copied with metrion db copy): every
-    view's JSON is identical."""
-    from metrion_addon.cli import main
-    from metrion_addon.report import main as report_main
-    from metrion_addon.store import Store
-    from tests.test_report import ROWS
-
-    src = tmp_path / "m.db"
-    s = Store(src)
-    s.start()
-    for r in ROWS:
-        s.put(dict(r))
-    s.close()
-    assert main(["db", "copy", str(src), url, "--quiet"]) == 0
-    capsys.readouterr()
-    outputs = []
-    for db in (str(src), url):
-        assert report_main([*args, "--db", db, "--utc", "--json"]) == 0
-        outputs.append(json.loads(capsys.readouterr().out))
-    assert outputs[0] == outputs[1]
-    assert outputs[0]["rows"] or outputs[0]["total"] or args == ["--account", "nobody"]

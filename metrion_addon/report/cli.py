@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import sqlite3
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -24,13 +22,13 @@ from metrion_addon.report.db import (
     EXIT_USAGE,
     ReportError,
     check_not_empty,
-    open_db,
+    connect,
+    db_errors,
     read_config,
     resolve_db,
 )
 from metrion_addon.report.output import to_csv, to_json
-from metrion_addon.report.pg import snapshot
-from metrion_addon.report.queries import DIMENSIONS, Filters, Options
+from metrion_addon.report.queries import DIMENSIONS, Db, Filters, Options
 from metrion_addon.report.terminal import SUMMARY_CHART_PERIODS, print_unsqueezed, render
 from metrion_addon.report.views import VIEWS, run_view
 from metrion_addon.report.when import parse_when
@@ -108,19 +106,34 @@ def options_from_args(args: argparse.Namespace, now: datetime | None = None) -> 
     return Options(filters=filters, by=by, utc=args.utc, limit=args.limit, period=args.period)
 
 
-def watch(path: Path, view: str, opts: Options, console: Console, interval: float) -> None:
-    conn: sqlite3.Connection | None = None
+def watch(source: Path | str, view: str, opts: Options, console: Console, interval: float) -> None:
+    db: Db | None = None
+    shown = source if isinstance(source, Path) else _redacted(source)
     with Live(console=console, auto_refresh=False) as live:
         while True:
             try:
-                conn = conn or open_db(path)
-                check_not_empty(conn, path)
-                body: RenderableType = Group(*render(run_view(conn, view, opts), opts))
+                db = db or connect(source)
+                check_not_empty(db, source)
+                body: RenderableType = Group(*render(run_view(db, view, opts), opts))
+                if db.pg:
+                    db.conn.rollback()  # the next refresh reads a new snapshot
             except ReportError as e:
                 body = Text(e.message, style="yellow")
-            stamp = Text(f"{path} · updated {datetime.now():%H:%M:%S} · Ctrl-C to stop", style="dim")
+            stamp = Text(f"{shown} · updated {datetime.now():%H:%M:%S} · Ctrl-C to stop", style="dim")
             live.update(Group(body, stamp), refresh=True)
             time.sleep(interval)
+
+
+def _redacted(url: str) -> str:
+    from metrion_addon.pgstore import redacted
+
+    return redacted(url)
+
+
+def _one_line(e: Exception, source: Path | str) -> str:
+    """A database error in one line; never a PostgreSQL password."""
+    text = (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+    return text.replace(source, _redacted(source)) if isinstance(source, str) else text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,54 +141,43 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2), already printed by argparse
         return int(e.code or 0)
-    stack = contextlib.ExitStack()
+    source: Path | str = Path()
     try:
         opts = options_from_args(args)
         config = read_config(args.config)
         if args.view in ("budgets", "html"):
             opts = replace(opts, budgets=config.budgets if config is not None else None)
-        source = resolve_db(args.db, config)
-        if isinstance(source, str):  # PostgreSQL: the rows this view reads, in a SQLite file of their own
-            if args.watch:
-                raise ReportError("--watch reads SQLite databases only", EXIT_USAGE)
-            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="metrion-report-"))
-            path = snapshot(source, opts, args.view, Path(workdir))  # checks that the store is not empty
-            checked = True
-        else:
-            path, checked = source, False
+        source = resolve_db(args.db, config)  # a Path (SQLite) or a PostgreSQL URL
         if args.view == "html":  # one self-contained page: metrion_addon/report/html.py
             from metrion_addon.report.html import write_report
 
-            conn = open_db(path)
+            db = connect(source)
             try:
-                if not checked:
-                    check_not_empty(conn, path)
+                check_not_empty(db, source)
             finally:
-                conn.close()
-            write_report(path, opts, args.stack or "model", args.output)
+                db.conn.close()
+            write_report(source, opts, args.stack or "model", args.output)
             return EXIT_OK
         console = Console()
         if not console.is_terminal and "COLUMNS" not in os.environ:
             console = Console(width=200)  # piped to a file or pager: no terminal width to fit
         if args.watch:
             with contextlib.suppress(KeyboardInterrupt):
-                watch(path, args.view, opts, console, max(0.2, args.interval))
+                watch(source, args.view, opts, console, max(0.2, args.interval))
             return EXIT_OK
-        conn = open_db(path)
+        db = connect(source)
         try:
-            if args.view != "budgets" and not checked:
-                check_not_empty(conn, path)
-            report = run_view(conn, args.view, opts)
+            if args.view != "budgets":
+                check_not_empty(db, source)
+            report = run_view(db, args.view, opts)
         finally:
-            conn.close()
+            db.conn.close()
     except ReportError as e:
         print(f"metrion-report: {e.message}", file=sys.stderr)
         return e.code
-    except sqlite3.Error as e:
-        print(f"metrion-report: database error: {e}", file=sys.stderr)
+    except db_errors() as e:
+        print(f"metrion-report: database error: {_one_line(e, source)}", file=sys.stderr)
         return EXIT_ERROR
-    finally:
-        stack.close()
     if args.json:
         sys.stdout.write(to_json(report, opts) + "\n")
     elif args.csv:

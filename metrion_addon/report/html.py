@@ -384,9 +384,10 @@ def render(page: Page) -> str:
             f"<style>{CSS}</style></head><body><main>{''.join(body)}</main></body></html>\n")  # fmt: skip
 
 
-def write_report(path: Path, opts: Options, stack: str = "model", output: str | None = None) -> Page:
-    """Collect, render and write the page (to stdout when `output` is None or '-')."""
-    page = collect(path, opts, stack)
+def write_report(source: Path | str, opts: Options, stack: str = "model", output: str | None = None) -> Page:
+    """Collect (from a SQLite file or a PostgreSQL URL), render and write the page (to stdout when `output` is
+    None or '-')."""
+    page = collect(source, opts, stack)
     text = render(page)
     if output in (None, "-"):
         sys.stdout.write(text)

@@ -5,12 +5,12 @@ Totals, errors and budgets come from the terminal report's own views (`view_summ
 the same filtered rows with the same day bounds (`queries.load_periods`): one GROUP BY per day, because sorting
 each day's rows is much cheaper than one sort of all of them (1M rows: ~1.2 s of CPU instead of ~2 s). The
 top requests are re-read only from the groups whose MAX(cost) can hold them. The days are split over two
-read-only connections while a third runs the terminal views; SQLite releases the GIL while it works.
+read-only connections while a third runs the terminal views; SQLite releases the GIL while it works. Over
+PostgreSQL the server does the work: one query groups every day at once, and the top requests are `top`'s query.
 """
 
 from __future__ import annotations
 
-import sqlite3
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from metrion_addon.report.db import open_db
-from metrion_addon.report.queries import MONEY_DIGITS, Options, load_periods, money, where_sql
+from metrion_addon.report.db import connect
+from metrion_addon.report.queries import DIMENSIONS, MONEY_DIGITS, Db, Options, aggregate_periods, load_periods, money
 from metrion_addon.report.views import TOP_FIELDS, TOP_SQL, Report, view_budgets, view_errors, view_summary
 
 TOP_N = 20
@@ -73,13 +73,29 @@ GroupRow = tuple[Any, ...]  # account, user, model, price_source, requests, erro
 Day = tuple[str, str, str, list[GroupRow]]  # label, lo, hi, groups
 
 
-def day_groups(conn: sqlite3.Connection, opts: Options, part: int, parts: int) -> list[Day]:
+def day_groups(db: Db, opts: Options, part: int, parts: int) -> list[Day]:
     """Every `parts`-th day from the `part`-th, with its groups by account, user, model and price source. The
     day bounds are the terminal report's (`load_periods`), so the days add up to its totals."""
-    periods = load_periods(conn, opts, "day")
-    where, params = where_sql(opts.filters, "r.ts >= ? AND r.ts < ?")
+    periods = load_periods(db, opts, "day")
+    where, params = db.where(opts.filters, "r.ts >= ? AND r.ts < ?")
     sql = _GROUP_SQL.format(where=where)
-    return [(day, lo, hi, conn.execute(sql, [*params, lo, hi]).fetchall()) for day, lo, hi in periods[part::parts]]
+    days = [(day, lo, hi, db.rows(sql, [*params, lo, hi])) for day, lo, hi in periods[part::parts]]
+    return [(day, lo, hi, [(*g[:7], _num(g[7]), g[8]) for g in groups]) for day, lo, hi, groups in days]  # money()
+
+
+_GROUP_MEASURES = {"n": "COUNT(*)", "errors": "COUNT(r.error)", "unpriced": "COUNT(*) - COUNT(r.cost_usd)",
+                   "cost_usd": "TOTAL(r.cost_usd)", "top": "MAX(r.cost_usd)"}  # fmt: skip
+_GROUP_KEYS = ["account", "user", "model", "price_source"]
+
+
+def all_day_groups(db: Db, opts: Options) -> list[Day]:
+    """`day_groups` of every day in one query (PostgreSQL: the server groups; one round trip)."""
+    columns = DIMENSIONS | {"price_source": "r.price_source"}
+    rows, periods = aggregate_periods(db, opts, _GROUP_MEASURES, ["day", *_GROUP_KEYS], columns)
+    by_day: dict[str, list[GroupRow]] = defaultdict(list)
+    for r in rows:
+        by_day[r["day"]].append(tuple(r[k] for k in [*_GROUP_KEYS, *_GROUP_MEASURES]))
+    return [(day, lo, hi, by_day.get(day, [])) for day, lo, hi in periods]
 
 
 def roll_up(days: list[Day], stack: str) -> dict[str, Any]:
@@ -131,9 +147,7 @@ def roll_up(days: list[Day], stack: str) -> dict[str, Any]:
     return out
 
 
-def top_requests(
-    conn: sqlite3.Connection, opts: Options, maxima: list[tuple[float, str, str, tuple[Any, ...]]]
-) -> list[dict[str, Any]]:
+def top_requests(db: Db, opts: Options, maxima: list[tuple[float, str, str, tuple[Any, ...]]]) -> list[dict[str, Any]]:
     """The TOP_N most expensive priced requests, ordered as `metrion-report top` orders them (cost desc, id).
 
     At least TOP_N rows cost >= T, the TOP_N-th largest group maximum, so every top row is in a group whose
@@ -142,45 +156,51 @@ def top_requests(
     threshold = maxima[min(TOP_N, len(maxima)) - 1][0] if maxima else None
     candidates = [m for m in maxima if threshold is not None and m[0] >= threshold]
     rows: list[tuple[Any, ...]] = []
-    if len(candidates) > _MAX_CANDIDATE_GROUPS:
-        where, params = where_sql(opts.filters, "r.cost_usd IS NOT NULL")
-        rows = conn.execute(TOP_SQL.format(where=where), [*params, TOP_N]).fetchall()
+    if db.pg or len(candidates) > _MAX_CANDIDATE_GROUPS:  # PostgreSQL: top's query, with its index
+        where, params = db.where(opts.filters, "r.cost_usd IS NOT NULL")
+        rows = db.rows(TOP_SQL.format(where=where), [*params, TOP_N])
     else:
         cond = "r.ts >= ? AND r.ts < ? AND r.account IS ? AND r.[user] IS ? AND r.model IS ? AND r.price_source IS ?"
-        where, params = where_sql(opts.filters, cond + " AND r.cost_usd >= ?")
+        where, params = db.where(opts.filters, cond + " AND r.cost_usd >= ?")
         sql = TOP_SQL.format(where=where)
         for _, lo, hi, keys in candidates:
-            rows += conn.execute(sql, [*params, lo, hi, *keys, threshold, TOP_N]).fetchall()
+            rows += db.rows(sql, [*params, lo, hi, *keys, threshold, TOP_N])
         cost, rid = TOP_FIELDS.index("cost_usd"), TOP_FIELDS.index("id")
         rows = sorted(rows, key=lambda r: (-r[cost], r[rid]))[:TOP_N]
     return [money(dict(zip(TOP_FIELDS, r, strict=True))) for r in rows]
 
 
-def _with_conn(path: Path, work: Callable[[sqlite3.Connection], Any]) -> Any:
-    conn = open_db(path)
+def _with_db(source: Path | str, work: Callable[[Db], Any]) -> Any:
+    db = connect(source)
     try:
-        return work(conn)
+        return work(db)
     finally:
-        conn.close()
+        db.conn.close()
 
 
-def collect(path: Path, opts: Options, stack: str, now: datetime | None = None) -> Page:
-    """All the page's numbers. Three read-only connections work at once (SQLite releases the GIL): the terminal
-    views on one, the day groups (odd and even days) on two; then the roll-up and the top requests."""
+def collect(source: Path | str, opts: Options, stack: str, now: datetime | None = None) -> Page:
+    """All the page's numbers, from a SQLite file (Path) or PostgreSQL (URL). Read-only connections work at once
+    (SQLite releases the GIL; PostgreSQL works in its own processes): the terminal views on one, the day groups
+    on the others (SQLite: odd and even days on two; PostgreSQL: every day in one query, on one); then the
+    roll-up and the top requests."""
     opts = replace(opts, period="day", limit=None)
     with_budgets = opts.budgets is not None and opts.budgets.any
 
-    def views(conn: sqlite3.Connection) -> tuple[Report, Report, Report | None]:
-        summary = view_summary(conn, opts)
-        errors = view_errors(conn, opts)
-        return summary, errors, view_budgets(conn, opts) if with_budgets else None
+    def views(db: Db) -> tuple[Report, Report, Report | None]:
+        summary = view_summary(db, opts)
+        errors = view_errors(db, opts)
+        return summary, errors, view_budgets(db, opts) if with_budgets else None
 
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        first = pool.submit(_with_conn, path, views)
-        halves = [pool.submit(_with_conn, path, lambda c, i=i: day_groups(c, opts, i, 2)) for i in range(2)]
-        days = [d for h in halves for d in h.result()]
+    if isinstance(source, str):
+        day_parts: list[Callable[[Db], list[Day]]] = [lambda db: all_day_groups(db, opts)]
+    else:
+        day_parts = [lambda db, i=i: day_groups(db, opts, i, 2) for i in range(2)]
+    with ThreadPoolExecutor(max_workers=1 + len(day_parts)) as pool:
+        first = pool.submit(_with_db, source, views)
+        parts_ = [pool.submit(_with_db, source, work) for work in day_parts]
+        days = [d for h in parts_ for d in h.result()]
         summary, errors, budgets = first.result()
     parts = roll_up(days, stack)
-    top = _with_conn(path, lambda c: top_requests(c, opts, parts.pop("maxima")))
+    top = _with_db(source, lambda c: top_requests(c, opts, parts.pop("maxima")))
     return Page(opts, stack, summary.rows[0], top=top, errors=errors, budgets=budgets,
                 generated=now or datetime.now(), **parts)  # fmt: skip

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metrion_addon.budget import Budgets
+from metrion_addon.budget import SEED_SQL, Budgets
 from metrion_addon.inflight import read_inflight
 from metrion_addon.periods import PERIODS
 from metrion_addon.report.db import EXIT_USAGE, ReportError
@@ -20,14 +20,13 @@ from metrion_addon.report.queries import (
     MONEY_DIGITS,
     RETRIES,
     SUMMARY_MEASURES,
+    Db,
     Options,
     aggregate,
     chart_rows,
-    fetch_dicts,
     sum_rows,
     time_span,
     unmetered_batches,
-    where_sql,
 )
 
 
@@ -69,10 +68,10 @@ SUMMARY_FIELDS = [
 ]
 
 
-def view_summary(conn: sqlite3.Connection, opts: Options) -> Report:
+def view_summary(db: Db, opts: Options) -> Report:
     """Totals, by token kind, and what caching saved; the per-period rows (same query) go to the terminal's
     cost chart."""
-    periods = chart_rows(conn, opts, opts.period, SUMMARY_MEASURES)
+    periods = chart_rows(db, opts, opts.period, SUMMARY_MEASURES)
     s = sum_rows(periods, list(SUMMARY_MEASURES))
     prompt = s["input_tokens"] + s["cache_creation_input_tokens"] + s["cache_read_input_tokens"]
     s["cache_hit_ratio"] = round(s["cache_read_input_tokens"] / prompt, 6) if prompt else None
@@ -80,9 +79,9 @@ def view_summary(conn: sqlite3.Connection, opts: Options) -> Report:
         s["cache_as_input_usd"] - s["cost_cache_read_usd"] - s["cost_cache_write_usd"], MONEY_DIGITS
     )
     s["cost_uncached_usd"] = round(s["cost_usd"] + s["cache_saved_usd"], MONEY_DIGITS)
-    s["first_ts"], s["last_ts"] = time_span(conn, opts)
+    s["first_ts"], s["last_ts"] = time_span(db, opts)
     summary = {k: s[k] for k in SUMMARY_FIELDS}
-    extra = {"periods": periods, "unmetered_batches": unmetered_batches(conn)}
+    extra = {"periods": periods, "unmetered_batches": unmetered_batches(db)}
     return Report("summary", SUMMARY_FIELDS, [summary], None, extra)
 
 
@@ -90,10 +89,10 @@ BY_MEASURES = [*MEASURES, "cost_share"]
 TOKENS = ["input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens"]
 
 
-def view_by(conn: sqlite3.Connection, opts: Options) -> Report:
+def view_by(db: Db, opts: Options) -> Report:
     """One row per group of `--by` dimensions (a time period among them: per period, oldest first)."""
     dims = list(opts.by)
-    rows = aggregate(conn, opts, MEASURES, dims)
+    rows = aggregate(db, opts, MEASURES, dims)
     total = sum_rows(rows, list(MEASURES))
     cost = total["cost_usd"]
     for r in rows:
@@ -129,12 +128,12 @@ TOP_SQL = "SELECT {cols} FROM requests r{where} ORDER BY r.cost_usd DESC, r.id L
 )
 
 
-def view_top(conn: sqlite3.Connection, opts: Options) -> Report:
+def view_top(db: Db, opts: Options) -> Report:
     """The N most expensive priced requests (unpriced ones cannot be ranked; they are counted apart)."""
-    where, params = where_sql(opts.filters, "r.cost_usd IS NOT NULL")
-    rows = fetch_dicts(conn, TOP_SQL.format(where=where), [*params, opts.limit or 10])
-    where, params = where_sql(opts.filters)
-    unpriced = conn.execute(f"SELECT {MEASURES['unpriced_requests']} FROM requests r{where}", params).fetchone()[0]
+    where, params = db.where(opts.filters, "r.cost_usd IS NOT NULL")
+    rows = db.dicts(TOP_SQL.format(where=where), [*params, opts.limit or 10])
+    where, params = db.where(opts.filters)
+    unpriced = db.value(f"SELECT {MEASURES['unpriced_requests']} FROM requests r{where}", params)
     total = sum_rows(rows, [*TOKENS, "cost_usd"]) | {"requests": len(rows)}
     return Report("top", TOP_FIELDS, rows, total, {"unpriced": unpriced})
 
@@ -146,14 +145,14 @@ ERROR_MEASURES = {
 }
 
 
-def view_errors(conn: sqlite3.Connection, opts: Options) -> Report:
+def view_errors(db: Db, opts: Options) -> Report:
     """Failed requests by error type and HTTP status, with the tokens and cost they still consumed."""
-    where, params = where_sql(opts.filters, "r.error IS NOT NULL")
+    where, params = db.where(opts.filters, "r.error IS NOT NULL")
     select = ", ".join(f"{sql} AS [{name}]" for name, sql in ERROR_MEASURES.items())
-    rows = fetch_dicts(
-        conn,
-        f"SELECT r.error, r.status, r.batch_id IS NOT NULL AS batch, {select} FROM requests r{where} "
-        "GROUP BY r.error, r.status, batch ORDER BY requests DESC, r.error, r.status",
+    batch = "CASE WHEN r.batch_id IS NOT NULL THEN 1 ELSE 0 END"
+    rows = db.dicts(
+        f"SELECT r.error, r.status, {batch} AS batch, {select} FROM requests r{where} GROUP BY r.error, r.status,"
+        f" {batch} ORDER BY requests DESC, {db.order('r.error')}, {db.order('r.status', text=False)}",
         params,
     )
     total = sum_rows(rows, list(ERROR_MEASURES))
@@ -163,9 +162,9 @@ def view_errors(conn: sqlite3.Connection, opts: Options) -> Report:
 CHART_MEASURES = {k: MEASURES[k] for k in ("requests", "unpriced_requests", "cost_usd")}
 
 
-def view_chart(conn: sqlite3.Connection, opts: Options) -> Report:
+def view_chart(db: Db, opts: Options) -> Report:
     """Cost per period; empty periods included. --limit N keeps the last N periods."""
-    rows = chart_rows(conn, opts, opts.period, CHART_MEASURES)
+    rows = chart_rows(db, opts, opts.period, CHART_MEASURES)
     if opts.limit:
         rows = rows[-opts.limit :]
     total = sum_rows(rows, list(CHART_MEASURES))
@@ -187,15 +186,19 @@ BUDGET_FIELDS = [
 ]
 
 
-def view_budgets(conn: sqlite3.Connection, opts: Options) -> Report:
+def view_budgets(db: Db, opts: Options) -> Report:
     """Each configured budget in its current period: limit, spent, remaining and when it resets."""
     if opts.budgets is None or not opts.budgets.any:
         raise ReportError("no budgets in the config (see budget: / user_budget: in config.example.yaml)", EXIT_USAGE)
     budgets = Budgets(opts.budgets)
-    budgets.seed(conn)
-    db = next((r[2] for r in conn.execute("PRAGMA database_list") if r[1] == "main" and r[2]), None)
-    for key, usd in read_inflight(Path(db)) if db else ():  # what running proxies hold for requests in flight
-        budgets.add_reserved(key, usd)
+    if db.pg:  # a fleet's proxies keep no in-flight file beside PostgreSQL
+        cost = "COALESCE(cost_usd, budget_usd::numeric)"  # exact sums
+        budgets.seed_from(lambda since, until, _: db.rows(SEED_SQL.format(cost=cost), [since, until]))
+    else:
+        budgets.seed(db.conn)
+        path = next((r[2] for r in db.conn.execute("PRAGMA database_list") if r[1] == "main" and r[2]), None)
+        for key, usd in read_inflight(Path(path)) if path else ():  # what running proxies hold in flight
+            budgets.add_reserved(key, usd)
     rows = []
     for s in budgets.status():
         account, user, is_user = s.scope
@@ -219,7 +222,7 @@ def view_budgets(conn: sqlite3.Connection, opts: Options) -> Report:
     return Report("budgets", BUDGET_FIELDS, rows)
 
 
-View = Callable[[sqlite3.Connection, Options], Report]
+View = Callable[[Db, Options], Report]
 # The positional VIEW argument. Add a view by adding an entry here and a renderer in terminal.py.
 VIEWS: dict[str, View] = {
     "summary": view_summary,
@@ -230,7 +233,8 @@ VIEWS: dict[str, View] = {
 }
 
 
-def run_view(conn: sqlite3.Connection, view: str, opts: Options) -> Report:
+def run_view(conn: sqlite3.Connection | Db, view: str, opts: Options) -> Report:
+    db = conn if isinstance(conn, Db) else Db(conn)
     if opts.by and view == "summary":
-        return view_by(conn, opts)
-    return VIEWS[view](conn, opts)
+        return view_by(db, opts)
+    return VIEWS[view](db, opts)
