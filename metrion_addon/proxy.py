@@ -149,7 +149,9 @@ def run(defaults: dict[str, Any], specs: Sequence[str], banner: str = "") -> Non
     `banner` is printed to stderr once the options are accepted."""
     without_package_inits()
     if isinstance(sys.stdout, io.TextIOWrapper):  # the log goes to stdout: to a pipe or journald, line by line
-        sys.stdout.reconfigure(line_buffering=True)
+        # and each line in one write: with PYTHONUNBUFFERED (as services often set) stdout writes through, and
+        # TermLog's print() made two system calls per line (the text, then "\n"), each giving the GIL away
+        sys.stdout.reconfigure(line_buffering=True, write_through=False)
     asyncio.run(_serve(defaults, specs, banner))
 
 
