@@ -12,13 +12,10 @@ Woken once per `gather` interval under load, not once per request. After a batch
 before it looks at the queue again, so that jobs handed over meanwhile go on a queue nobody waits on (no system
 call, no thread woken) and are taken together. Each wake-up of a thread costs the process ~50 µs of CPU and hands
 the GIL over twice, and at c=1 it comes exactly when the event loop has the client's next request to read. When
-the thread has found the queue empty for a second it waits on it, so the first job after a quiet spell is taken
-at once; while requests keep coming it looks every `gather` seconds, so that no hand-over wakes it (at c=1 with
-2 MB bodies a request lasts about as long as the pause: woken by each hand-over, it would run right when the loop
-is relaying the next request). The store's writer gathers rows the same way: a row reaches the database at most
-`gather` + the store's flush interval after its request ended. Measured at c=1 (lean proxy, small requests;
-this, the observer's work done here and mitmproxy's add_log relay removed, proxy.py): the proxy's CPU per request
-went from 1.13x bare mitmdump's to 0.83x.
+the queue is empty the thread waits on it, so the first job after a pause is taken at once. The store's writer
+gathers rows the same way: a row reaches the database at most `gather` + the store's flush interval after its
+request ended. Measured at c=1 (lean proxy, small requests; this, the observer's work done here and mitmproxy's
+add_log relay removed, proxy.py): the proxy's CPU per request went from 1.13x bare mitmdump's to 0.83x.
 
 Every request still leaves exactly one row: a job that fails to account is stored with what is certain, and
 `close()` drains the queue before the store closes.
@@ -40,10 +37,8 @@ from metrion_addon.sse import incremental_decoder
 
 log = logging.getLogger(__name__)
 _STOP = object()
-# How long the thread lets jobs gather after a batch (see the module's docstring), and how many empty looks in a
-# row (1 s) before it sleeps on the queue again.
+# How long the thread lets jobs gather after a batch (see the module's docstring).
 GATHER_S = 0.02
-IDLE_POLLS = 50
 
 
 @dataclass(frozen=True)
@@ -160,18 +155,8 @@ class Accountant:
                 self._handle(job)
 
     def _run(self) -> None:
-        idle = IDLE_POLLS  # at start: asleep on the queue, so that the first job is taken at once
         while True:
-            if idle >= IDLE_POLLS:  # quiet for a while: sleep until a job comes (the hand-over wakes the thread)
-                job = self._queue.get()
-            else:  # busy lately: look, without being woken by each hand-over (see the module's docstring)
-                try:
-                    job = self._queue.get_nowait()
-                except queue.Empty:
-                    idle += 1
-                    self._closing.wait(self.gather)
-                    continue
-            idle = 0
+            job = self._queue.get()  # idle: the first job wakes the thread at once
             while job is not _STOP:
                 self._handle(job)
                 try:
@@ -180,7 +165,7 @@ class Accountant:
                     break
             if job is _STOP:
                 return
-            self._closing.wait(self.gather)  # let the next jobs gather
+            self._closing.wait(self.gather)  # under load: let the next jobs gather (see the module's docstring)
 
     def _handle(self, job: Finished | dict[str, Any]) -> None:
         try:
