@@ -2,9 +2,20 @@
 
 The response and error hooks hand over what they know (the request's `Pending`, which the loop no longer
 touches, the status, times, and the raw JSON answer) and return. This thread reads the answer's usage, prices it,
-builds the row and hands it to the store and the observer. One queue, in hand-over order: a row built on the
-loop (a request under a budget, whose real cost must replace its reservation before the client sees the end of
-the answer) goes through the same queue as a finished row, so rows reach the store in the order requests ended.
+builds the row and hands it to the store, and observes it (metrics, the request log line: runtime.py hands it an
+inline-observed store, so that is done here too, not on a fourth thread woken for every row). One queue, in
+hand-over order: a row built on the loop (a request under a budget, whose real cost must replace its reservation
+before the client sees the end of the answer) goes through the same queue as a finished row, so rows reach the
+store in the order requests ended.
+
+Woken once per `gather` interval under load, not once per request. After a batch the thread waits that long
+before it looks at the queue again, so that jobs handed over meanwhile go on a queue nobody waits on (no system
+call, no thread woken) and are taken together. Each wake-up of a thread costs the process ~50 µs of CPU and hands
+the GIL over twice, and at c=1 it comes exactly when the event loop has the client's next request to read. When
+the queue is empty the thread waits on it, so the first job after a pause is taken at once. The store's writer
+gathers rows the same way: a row reaches the database at most `gather` + the store's flush interval after its
+request ended. Measured at c=1 (lean proxy, small requests; this, the observer's work done here and mitmproxy's
+add_log relay removed, proxy.py): the proxy's CPU per request went from 1.13x bare mitmdump's to 0.83x.
 
 Every request still leaves exactly one row: a job that fails to account is stored with what is certain, and
 `close()` drains the queue before the store closes.
@@ -26,6 +37,8 @@ from metrion_addon.sse import incremental_decoder
 
 log = logging.getLogger(__name__)
 _STOP = object()
+# How long the thread lets jobs gather after a batch (see the module's docstring).
+GATHER_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -102,12 +115,14 @@ def account(job: Finished, pricer: Pricer) -> RequestRow:
 class Accountant:
     """Owns the accounting thread. `submit()` never blocks; `close()` accounts for everything submitted."""
 
-    def __init__(self, pricer: Pricer, store: Any) -> None:
+    def __init__(self, pricer: Pricer, store: Any, gather: float = GATHER_S) -> None:
         self.pricer = pricer
         self.store = store  # put() only: the store, observed (metrics and the request log see every row)
+        self.gather = gather
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="metrion-accountant", daemon=True)
         self._closed = False
+        self._closing = threading.Event()  # cuts the gathering pause short at shutdown
 
     def start(self) -> Accountant:
         self._thread.start()
@@ -129,6 +144,7 @@ class Accountant:
         self._closed = True
         if self._thread.is_alive():
             self._queue.put(_STOP)
+            self._closing.set()
             self._thread.join(timeout)
         while True:  # whatever the thread left (it died, or did not finish in time): here, not lost
             try:
@@ -139,8 +155,17 @@ class Accountant:
                 self._handle(job)
 
     def _run(self) -> None:
-        while (job := self._queue.get()) is not _STOP:
-            self._handle(job)
+        while True:
+            job = self._queue.get()  # idle: the first job wakes the thread at once
+            while job is not _STOP:
+                self._handle(job)
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if job is _STOP:
+                return
+            self._closing.wait(self.gather)  # under load: let the next jobs gather (see the module's docstring)
 
     def _handle(self, job: Finished | dict[str, Any]) -> None:
         try:

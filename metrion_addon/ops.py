@@ -11,9 +11,10 @@ A request is a probe only with that method and that exact path (no query string;
 prefix and the prefix plus `/` are the root too) and no body (no Content-Length other than 0, no
 Transfer-Encoding). Any other request under the reserved prefix `/-/` is refused with 404 and recorded.
 
-Everything else here runs off the event loop: finished rows go on a queue (`observe`, one `SimpleQueue.put`),
-and the observer thread feeds the Prometheus metrics, writes one log line per request and, every
-`metrion_summary_interval` seconds, a one-line summary.
+Everything else here runs off the event loop. Request rows are observed (the Prometheus metrics, one log line
+per request) on the accounting thread that built them (`observed(store, inline=True)`); rows from other writers
+(batch results) go on a queue (`observe`, one `SimpleQueue.put`) for the observer thread, which also writes,
+every `metrion_summary_interval` seconds, a one-line summary.
 """
 
 from __future__ import annotations
@@ -164,6 +165,8 @@ class Observer:
         self.log_format = log_format
         self.summary_interval = summary_interval
         self.observed = 0
+        self._summary = Summary()
+        self._lock = threading.Lock()  # the summary and the count: rows are observed on two threads
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="metrion-observer", daemon=True)
 
@@ -173,6 +176,12 @@ class Observer:
 
     def put(self, row: dict[str, Any]) -> None:
         self._queue.put(row)
+
+    def observe_here(self, row: dict[str, Any]) -> None:
+        """Observe a row on the calling thread (the accounting thread's rows: no other thread is woken)."""
+        with self._lock:
+            self._summary.add(row)
+        self._observe(row)
 
     def set_options(self, log_format: str, summary_interval: float) -> None:
         self.log_format = log_format
@@ -186,7 +195,6 @@ class Observer:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        summary = Summary()
         due = self._next_due()
         while True:
             timeout = None if due is None else max(0.0, due - time.monotonic())
@@ -199,11 +207,11 @@ class Observer:
             if item is _RESCHEDULE:
                 due = self._next_due()
             elif item is not None:
-                summary.add(item)
-                self._observe(item)
+                self.observe_here(item)
             if due is not None and time.monotonic() >= due:
+                with self._lock:
+                    summary, self._summary = self._summary, Summary()
                 log.info(summary.line(self.summary_interval, self.store))
-                summary = Summary()
                 due = self._next_due()
 
     def _next_due(self) -> float | None:
@@ -220,7 +228,8 @@ class Observer:
         except Exception:  # noqa: BLE001 - the observer must outlive any one row
             log.exception("metrion: failed to observe a request row")
         finally:
-            self.observed += 1
+            with self._lock:
+                self.observed += 1
 
 
 def mode_ports(modes: list[str]) -> set[int]:
@@ -327,9 +336,14 @@ class Service:
         if self.observer is not None:
             self.observer.put(row)
 
-    def observed(self, store: Any) -> ObservedStore:
-        """The store for writers other than the request hooks (batch results): their rows are observed too."""
-        return ObservedStore(store, self)
+    def observe_here(self, row: dict[str, Any]) -> None:
+        if self.observer is not None:
+            self.observer.observe_here(row)
+
+    def observed(self, store: Any, inline: bool = False) -> ObservedStore:
+        """The store, with every row put into it observed too: on the observer thread, or with `inline` on the
+        thread that puts it (the accounting thread, already awake: no second thread to wake for each row)."""
+        return ObservedStore(store, self, inline)
 
     def close(self) -> None:
         if self.observer is not None:
@@ -341,14 +355,16 @@ class Service:
 
 
 class ObservedStore:
-    """A store whose `put` also hands the row to the observer (thread-safe: both only enqueue)."""
+    """A store whose `put` also observes the row: hands it to the observer thread (thread-safe: both only
+    enqueue), or with `inline` observes it on the calling thread."""
 
-    def __init__(self, store: Any, service: Service) -> None:
+    def __init__(self, store: Any, service: Service, inline: bool = False) -> None:
         self._store, self._service = store, service
+        self._observe = service.observe_here if inline else service.observe
 
     def put(self, row: dict[str, Any]) -> None:
         self._store.put(row)
-        self._service.observe(row)
+        self._observe(row)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)

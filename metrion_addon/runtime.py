@@ -63,7 +63,7 @@ class Runtime:
             raise StartError(str(e)) from None
         batches = BatchHooks(config, pricer, ops.observed(store), gate, options.metrion_batch_poll_seconds)
         batches.start()  # batch result rows go through ops.observed: metrics and logs see them too
-        accountant = Accountant(pricer, ops.observed(store)).start()  # request rows too
+        accountant = Accountant(pricer, ops.observed(store, inline=True)).start()  # request rows too, observed there
         return cls(config, Authenticator(config.accounts), pricer, store, gate, batches, accountant)
 
     def close(self) -> None:

@@ -291,6 +291,15 @@ class Store:
         while True:
             self._drain(block=not self._backlog and not stopping)
             stopping = stopping or self._stop_seen
+            if self._backlog and not stopping and self._failing_since is None and len(self._backlog) < self.batch_size:
+                # Light load: the rows that arrive within one flush interval of the first share its transaction,
+                # instead of each paying for a commit. Waiting here, before the write, rather than after it: rows
+                # come in bursts (the accounting thread hands over what gathered in its pause), and a writer woken by
+                # a burst's first row wrote it alone, then the rest, several commits per burst (measured at c=1: 3.4
+                # pwrite calls per request). A row still waits at most one flush interval, as before.
+                self._closing.wait(self.flush_interval)
+                self._drain(block=False)
+                stopping = stopping or self._stop_seen
             if self._backlog:
                 self.busy_since = time.monotonic()
                 try:
@@ -309,10 +318,6 @@ class Store:
                     time.sleep(0.2 if not stopping else 0.05)
                     continue
                 self.busy_since = None
-                if not stopping and self._queue.empty():
-                    # Light load: let rows gather for one flush interval, so they share a transaction
-                    # instead of each paying for a commit (the benchmark measured that cost per request).
-                    self._closing.wait(self.flush_interval)
             if stopping and not self._backlog and self._queue.empty():
                 break
         if conn is not None:

@@ -65,7 +65,10 @@ class Usage:
     malformed: bool = False  # a count that is not a non-negative integer (string, float, negative, NaN...)
 
     def total(self, name: str) -> int:
-        return sum(getattr(p, name) for p in self.parts)
+        parts = self.parts
+        if len(parts) == 1:  # almost always (no iterations): called ~16 times per row, this halves the row's cost
+            return getattr(parts[0], name)
+        return sum(getattr(p, name) for p in parts)
 
     @property
     def plausible(self) -> bool:

@@ -162,3 +162,31 @@ def test_without_a_budget_the_hook_only_hands_over(addon: Metrion, monkeypatch: 
     addon.rt.accountant._closed = False
     addon.response(f)
     assert called == [] and addon.rt.accountant.pending() == 1
+
+
+def test_jobs_handed_over_during_the_gathering_pause_wait_for_it_and_close_cuts_it_short() -> None:
+    """After a batch the thread pauses (`gather`) instead of being woken for each job: jobs handed over then stay
+    queued until the pause ends. close() ends it at once, and the thread, not the caller, accounts them."""
+
+    class Pause(threading.Event):  # the accountant's pause, telling the test when the thread has entered it
+        entered = threading.Event()
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.entered.set()
+            return super().wait(timeout)
+
+    store = ListStore()
+    acc = Accountant(Pricer(), store, gather=3600.0)  # a pause no test outlives: only close() ends it
+    acc._closing = pause = Pause()
+    acc.start()
+    acc.submit(job(pending("first")))
+    assert pause.entered.wait(30), "the idle thread takes the first job at once, then pauses"
+    for user in ("second", "third"):
+        acc.submit(job(pending(user)))
+    assert [r["user"] for r in store.rows] == ["first"] and acc.pending() == 2  # gathering, not lost
+    closing = threading.Thread(target=acc.close, kwargs={"timeout": 30.0})
+    closing.start()
+    closing.join(30)
+    assert not closing.is_alive()
+    assert [r["user"] for r in store.rows] == ["first", "second", "third"]
+    assert store.thread == {"metrion-accountant"}  # the pause was cut short: close() did not account them itself

@@ -21,6 +21,7 @@ from mitmproxy import certs
 from tests.conftest import BIN, MANAGED_TOKEN, REAL_KEY, Proxy, config_text, free_port, wait_port
 from tests.fake_upstream import FakeUpstream
 from tests.netutil import stop_process
+from tests.test_ops import until
 
 MODEL = "claude-sonnet-5-5"
 
@@ -51,12 +52,20 @@ def lean(fake: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     stop_process(p.proc)
 
 
+def logged(proxy: Proxy, fragment: str, n: int) -> list[str]:
+    lines = [line for line in proxy.log.read_text(errors="replace").splitlines() if fragment in line]
+    return lines if len(lines) >= n else []
+
+
 def test_sdk_through_the_lean_proxy(lean: Proxy, fake: FakeUpstream) -> None:
     client = anthropic.Anthropic(base_url=lean.url, api_key=MANAGED_TOKEN, default_headers={"x-metrion-user": "lean"})
     msg = client.messages.create(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi"}])
     with client.messages.stream(model=MODEL, max_tokens=5, messages=[{"role": "user", "content": "hi"}]) as s:
         final = s.get_final_message()
     rows = lean.wait_rows("user = 'lean'", n=2)
+    # one log line per request, written on the accounting thread (TermLog; mitmproxy's add_log relay is removed)
+    lines = until(lambda: logged(lean, "metrion: acme/lean POST /v1/messages", 2), what="two request log lines")
+    assert len(lines) == 2
     assert [(r["stream"], r["completed"], r["input_tokens"], r["output_tokens"]) for r in rows] == [
         (0, 1, 25, 12),
         (1, 1, 25, 12),
@@ -154,3 +163,26 @@ def test_options_of_addons_not_loaded_are_refused(tmp_path: Path, extra: tuple[s
     assert r.returncode == 2
     assert fragment in r.stderr and "metrion-proxy --full" in r.stderr
     assert "listening" not in r.stderr
+
+
+def test_the_lean_master_has_no_add_log_relay_and_keeps_its_log() -> None:
+    """mitmproxy's Master relays every log record to the deprecated `add_log` hook through the event loop; the
+    lean master removes that handler (no addon it loads implements the hook), and only that one."""
+    import logging
+
+    from mitmproxy import log
+    from mitmproxy.addons.termlog import TermLogHandler
+
+    from metrion_addon.proxy import without_legacy_log_events
+
+    root = logging.getLogger()
+    relay, term = log.LegacyLogEvents(master=None), TermLogHandler()  # type: ignore[arg-type]
+    relay.install()
+    term.install()
+    try:
+        without_legacy_log_events()
+        assert relay not in root.handlers and term in root.handlers
+        assert not any(isinstance(h, log.LegacyLogEvents) for h in root.handlers)
+    finally:
+        root.removeHandler(relay)
+        term.uninstall()

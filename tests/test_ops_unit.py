@@ -155,3 +155,25 @@ def test_request_line() -> None:
     row = {"account": "acme", "user": "alice", "method": "POST", "path": "/v1/messages", "model": "m", "status": 529}
     line = request_line({**row, "latency_ms": 12.4, "cost_usd": None, "retry_count": 2, "error": "overloaded_error"})
     assert line == "metrion: acme/alice POST /v1/messages m 529 in=0 out=0 $? 12ms retry=2 error=overloaded_error"
+
+
+def test_rows_put_inline_are_observed_on_the_putting_thread_and_others_on_the_observer() -> None:
+    """The accounting thread observes its own rows (no second thread woken per request); other writers' rows
+    (batch results) still go to the observer thread's queue."""
+    from metrion_addon.ops import Observer, Service
+
+    class Rows:
+        def __init__(self) -> None:
+            self.rows: list[dict] = []
+
+        def put(self, row: dict) -> None:
+            self.rows.append(row)
+
+    svc = Service()
+    svc.observer = Observer(None, None, "off", 0)  # never started: only an inline put can be observed
+    store = Rows()
+    svc.observed(store, inline=True).put({"error": None, "cost_usd": 0.25})
+    assert svc.observer.observed == 1 and (svc.observer._summary.requests, svc.observer._summary.cost) == (1, 0.25)
+    svc.observed(store).put({"error": "overloaded_error", "cost_usd": None})
+    assert svc.observer.observed == 1 and svc.observer._queue.qsize() == 1  # queued for the observer thread
+    assert len(store.rows) == 2

@@ -41,3 +41,32 @@ def test_a_deep_queue_is_written_in_full_when_the_database_is_writable(tmp_path:
     s.start()
     s.close()
     assert (s.written, s.dropped) == (1000, 0)
+
+
+def test_rows_that_arrive_within_a_flush_interval_of_the_first_share_its_transaction(tmp_path: Path) -> None:
+    """At light load the writer, woken by a row, waits one flush interval before it writes, so that the rows
+    behind it (the accounting thread hands them over in bursts) share the commit; close() cuts the wait short."""
+    import threading
+
+    class Pause(threading.Event):  # the writer's pause, telling the test when the writer has entered it
+        entered = threading.Event()
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.entered.set()
+            return super().wait(timeout)
+
+    batches: list[list[str]] = []
+    s = store.Store(
+        tmp_path / "m.db", flush_interval=3600.0, on_written=lambda b: batches.append([r["user"] for r in b])
+    )
+    s._closing = pause = Pause()
+    s.start()
+    s.put({"ts": "2026-12-02T00:00:00.000Z", "user": "first"})
+    assert pause.entered.wait(30), "the writer takes the first row, then waits for more"
+    s.put({"ts": "2026-12-02T00:00:00.001Z", "user": "second"})
+    s.put({"ts": "2026-12-02T00:00:00.002Z", "user": "third"})
+    assert batches == [] and s.pending() == 3
+    s.close(timeout=30)
+    assert batches == [["first", "second", "third"]] and s.written == 3 and s.pending() == 0
+    with sqlite3.connect(tmp_path / "m.db") as conn:
+        assert [r[0] for r in conn.execute("SELECT user FROM requests ORDER BY id")] == ["first", "second", "third"]
