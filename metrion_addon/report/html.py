@@ -92,7 +92,7 @@ def stacked_chart(page: Page, groups: list[Bucket]) -> str:
         x = left + i * slot + (slot - bar_w) / 2
         y = top + plot_h
         out.append(f'<g class="day"{data_attrs(day=day, cost=_num(total))}><title>{esc(day)}: '
-                   f"{esc(fmt_usd(total))}</title>")  # fmt: skip
+                   f"{esc(fmt_usd(_num(total)))}</title>")  # fmt: skip
         for name, members, colour in groups:
             cost = sum(page.series[m].daily.get(day, 0.0) for m in members)
             if cost <= 0:
@@ -101,7 +101,7 @@ def stacked_chart(page: Page, groups: list[Bucket]) -> str:
             y -= h
             out.append(f'<rect x="{x:.2f}" y="{y:.2f}" width="{bar_w:.2f}" height="{h:.2f}" fill="{colour}"'
                        f"{data_attrs(series=name, day=day, cost=_num(cost))}>"
-                       f"<title>{esc(day)} · {esc(name)}: {esc(fmt_usd(cost))}</title></rect>")  # fmt: skip
+                       f"<title>{esc(day)} · {esc(name)}: {esc(fmt_usd(_num(cost)))}</title></rect>")  # fmt: skip
         out.append("</g>")
         if i % every == 0:
             out.append(f'<text class="axis" x="{x + bar_w / 2:.1f}" y="{height - 8}" text-anchor="middle">'
@@ -128,7 +128,7 @@ def share_bar(part: float, whole: float, colour: str = "#0072B2") -> str:
 
 def _cost(cost: float, unpriced: int) -> str:
     mark = ' <abbr class="warn" title="includes unpriced requests: their cost is unknown">+?</abbr>'
-    return esc(fmt_usd(cost)) + (mark if unpriced else "")
+    return esc(fmt_usd(_num(cost))) + (mark if unpriced else "")
 
 
 def _ordered(groups: dict[Any, Group]) -> list[tuple[Any, Group]]:

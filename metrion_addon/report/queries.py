@@ -258,7 +258,7 @@ def _pg_bound(ts: str) -> str:
     return {"": "-infinity", MAX_TS: "infinity"}.get(ts, ts)
 
 
-def _pg_periods(periods: list[Period], where: str) -> tuple[str, list[Any]]:
+def pg_periods(periods: list[Period], where: str) -> tuple[str, list[Any]]:
     """PostgreSQL's source of rows numbered by period (`r.period_i`, 1-based): `width_bucket` over the lower
     bounds when the periods are contiguous (they are: each hi is the next lo), else a join on both bounds."""
     lows = [_pg_bound(lo) for _, lo, _ in periods]
@@ -299,7 +299,7 @@ def aggregate_periods(
     if times:
         at = dims.index(times[0])
         if db.pg:
-            source, bounds = _pg_periods(periods, where)
+            source, bounds = pg_periods(periods, where)
             where, params = "", [*bounds, *params]
             label, key = "r.period_i", "r.period_i"
         else:
