@@ -14,6 +14,7 @@ from mitmproxy import ctx
 from mitmproxy.test import taddons, tflow, tutils
 
 from metrion_addon import addon as addon_module
+from metrion_addon import guards
 from metrion_addon.addon import Metrion, classify_error
 from tests.conftest import MANAGED_TOKEN, PASS_TOKEN, REAL_KEY, config_text
 
@@ -186,7 +187,7 @@ def test_a_runtime_option_rebuilds_the_runtime_and_loses_no_row(metrion, tmp_pat
 def test_every_credential_header_is_masked_whatever_its_case_and_count() -> None:
     from mitmproxy import http
 
-    from metrion_addon.addon import REDACTED, redact_credentials
+    from metrion_addon.guards import REDACTED, redact_credentials
 
     h = http.Headers(
         [(b"X-Api-Key", b"k1"), (b"accept", b"*/*"), (b"Cookie", b"a=1"), (b"cookie", b"b=2"), (b"AUTHORIZATION", b"B")]
@@ -207,11 +208,11 @@ def test_every_credential_header_is_masked_whatever_its_case_and_count() -> None
 def test_the_placeholder_refusal_is_an_anthropic_error() -> None:
     from mitmproxy import http
 
-    r = addon_module.placeholder_refusal()
+    r = guards.placeholder_refusal()
     assert (r.status_code, r.reason, r.headers["content-type"]) == (500, "Internal Server Error", "application/json")
     assert json.loads(r.content) == {"type": "error", "error": {"type": "api_error", "message": "metrion proxy error"}}
     assert int(r.headers["content-length"]) == len(r.content)
-    other = addon_module.placeholder_refusal()
+    other = guards.placeholder_refusal()
     assert other is not r and other.headers is not r.headers  # one per flow: a flow may change its own
     made = http.Response.make(500, r.content, {"content-type": "application/json"})  # the documented way
     assert {**r.get_state(), "timestamp_start": 0, "timestamp_end": 0} == {
