@@ -32,7 +32,8 @@ from typing import Any
 from metrion_addon import estimate as est
 from metrion_addon.alerts import Alerter, AlertHook
 from metrion_addon.batch_budget import BATCH_WINDOW, BatchReservations
-from metrion_addon.budget import Budgets, BudgetSettings, Check, response_headers
+from metrion_addon.budget import Budgets, Check, response_headers
+from metrion_addon.budget_settings import BudgetSettings
 from metrion_addon.inflight import InflightWriter
 from metrion_addon.labels import LabelError, UserConflict, resolve_user
 from metrion_addon.pricing import COUNT_TOKENS_PATH, Pricer, Rates

@@ -18,12 +18,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from metrion_addon import periods
+from metrion_addon.budget_settings import PERIODS, BudgetSettings, Limit
 from metrion_addon.labels import LabelError, label_key
 from metrion_addon.schema import iso_ms
 
@@ -32,7 +33,6 @@ if TYPE_CHECKING:  # psycopg loads only in fleet mode
 
 log = logging.getLogger(__name__)
 
-PERIODS = ("daily", "monthly")
 _CALENDAR = {"daily": "day", "monthly": "month"}  # budget period -> periods.py period
 ALERT_EVENTS = ("soft", "hard_80", "hard")
 _EPS = 1e-12  # float noise: a reservation that fits to the last bit fits
@@ -42,32 +42,6 @@ SEED_SQL = (
     "AND {cost} IS NOT NULL GROUP BY account, [user]"
 )
 RETAIN_DAYS = 3  # past periods kept in memory (a request still in flight settles into the period it started in)
-
-
-@dataclass(frozen=True)
-class Limit:
-    period: str  # daily | monthly
-    usd: float
-    hard: bool = True
-
-
-@dataclass(frozen=True)
-class AccountBudgets:
-    account: tuple[Limit, ...] = ()
-    user_default: tuple[Limit, ...] = ()  # for every user (and for requests without a user label)
-    users: dict[str, tuple[Limit, ...]] = field(default_factory=dict)  # keys are label keys (labels.label_key)
-
-
-@dataclass(frozen=True)
-class BudgetSettings:
-    timezone: str = "UTC"
-    block_unknown_models: bool = False
-    accounts: dict[str, AccountBudgets] = field(default_factory=dict)
-    unknown_model: str = "max_rate"  # under a hard limit: reserve at the most expensive known rate, or "refuse"
-
-    @property
-    def any(self) -> bool:
-        return any(a.account or a.user_default or a.users for a in self.accounts.values())
 
 
 Scope = tuple[str, str | None, bool]  # (account, user, is_user_scope)

@@ -17,7 +17,7 @@ from urllib.parse import quote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from metrion_addon.alerts import AlertHook, parse_alerts
-from metrion_addon.budget import PERIODS, AccountBudgets, BudgetSettings, Limit
+from metrion_addon.budget_settings import PERIODS, AccountBudgets, BudgetSettings, Limit
 from metrion_addon.labels import LabelError, required_label_key
 from metrion_addon.yamlcheck import ConfigError, Ctx, Node, parse_yaml
 

@@ -36,7 +36,8 @@ import psycopg
 from metrion_addon.pgstore import pg_migrate, redacted
 
 if TYPE_CHECKING:
-    from metrion_addon.budget import Budgets, Key, Limit
+    from metrion_addon.budget import Budgets, Key
+    from metrion_addon.budget_settings import Limit
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import pytest
 from metrion_addon import estimate as est
 from metrion_addon.admission import Gate
 from metrion_addon.batch_budget import BatchHold, ticket_of
-from metrion_addon.budget import AccountBudgets, BudgetSettings, Limit
+from metrion_addon.budget_settings import AccountBudgets, BudgetSettings, Limit
 from metrion_addon.config import PriceOverride
 from metrion_addon.pricing import BATCH, Pricer
 

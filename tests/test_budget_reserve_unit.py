@@ -19,7 +19,8 @@ from metrion_addon import estimate as est
 from metrion_addon.admission import Gate
 from metrion_addon.alerts import Alerter, AlertHook
 from metrion_addon.auth import Authenticator, AuthOk
-from metrion_addon.budget import AccountBudgets, Budgets, BudgetSettings, Limit
+from metrion_addon.budget import Budgets
+from metrion_addon.budget_settings import AccountBudgets, BudgetSettings, Limit
 from metrion_addon.config import ConfigError, PriceOverride, parse_config
 from metrion_addon.inflight import InflightWriter, inflight_path, read_inflight
 from metrion_addon.labels import LabelError, UserConflict, label_key, resolve_user

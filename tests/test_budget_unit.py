@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from metrion_addon.budget import AccountBudgets, Budgets, BudgetSettings, Limit
+from metrion_addon.budget import Budgets
+from metrion_addon.budget_settings import AccountBudgets, BudgetSettings, Limit
 from metrion_addon.config import ConfigError, parse_config
 from metrion_addon.store import Store
 

@@ -9,7 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 from metrion_addon.admission import Gate
-from metrion_addon.budget import AccountBudgets, BudgetSettings, Limit
+from metrion_addon.budget_settings import AccountBudgets, BudgetSettings, Limit
 from metrion_addon.config import PriceOverride
 from metrion_addon.pricing import Pricer
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from mitmproxy import http
 
-from metrion_addon.budget import AccountBudgets, Budgets, BudgetSettings, Limit
+from metrion_addon.budget import Budgets
+from metrion_addon.budget_settings import AccountBudgets, BudgetSettings, Limit
 from metrion_addon.config import ConfigError, parse_config
 from metrion_addon.metrics import MAX_MODELS, Labels, budget_samples, error_label, status_label
 from metrion_addon.ops import Health, probe_kind, request_line

@@ -16,7 +16,8 @@ from typing import Any
 import psycopg
 import pytest
 
-from metrion_addon.budget import AccountBudgets, Budgets, BudgetSettings, Limit
+from metrion_addon.budget import Budgets
+from metrion_addon.budget_settings import AccountBudgets, BudgetSettings, Limit
 from metrion_addon.leases import LeaseBook, ensure, reclaim, scope_text, sync
 from metrion_addon.pgstore import pg_migrate
 from tests.pgserver import PgServer, start_pg, unavailable_reason

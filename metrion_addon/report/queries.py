@@ -24,7 +24,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from metrion_addon.budget import BudgetSettings
+from metrion_addon.budget_settings import BudgetSettings
 from metrion_addon.periods import PERIODS
 from metrion_addon.report.when import MAX_TS, periods_between
 from metrion_addon.schema import iso_ms
