@@ -8,13 +8,14 @@ mitmproxy would log and otherwise ignore, forwarding the flow as it was) ends in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 
 from mitmproxy import connection, ctx, exceptions, http
 
-from metrion_addon import mitm_errors, ops, record
+from metrion_addon import logrelay, mitm_errors, ops, record
 from metrion_addon.accountant import Finished, account
 from metrion_addon.admission import Refusal, user_for
 from metrion_addon.auth import METRION_HEADER_PREFIX, USER_HEADER, AuthError, error_body
@@ -86,6 +87,7 @@ class Metrion:
         self._pending: dict[str, Pending] = {}
         self._client_of: dict[str, str] = {}  # flow id -> client connection id, for flows mitmproxy drops
         self.ops = ops.Service()  # health, probes, metrics, request logs
+        self._relay: logrelay.LoopRelay | None = None  # with mitmdump's flow lines: our lines printed on the loop
 
     def load(self, loader) -> None:  # type: ignore[no-untyped-def]
         loader.add_option(
@@ -139,6 +141,8 @@ class Metrion:
         )
 
     def running(self) -> None:
+        if ctx.master.addons.get("dumper") is not None and self._relay is None:
+            self._relay = logrelay.install(asyncio.get_running_loop())
         if self.rt is not None:
             self.rt.batches.running()
 
@@ -158,6 +162,9 @@ class Metrion:
             self.rt.close()
             self.rt = None
         self.ops.close()
+        if self._relay is not None:
+            logrelay.uninstall(self._relay)
+            self._relay = None
 
     def client_disconnected(self, client: connection.Client) -> None:
         """Flows of this client that got neither `response` nor `error`: mitmproxy gave up on the connection
