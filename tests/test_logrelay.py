@@ -67,7 +67,8 @@ def test_uninstall_prints_what_waits() -> None:
     loop = asyncio.new_event_loop()
     try:
         relay = logrelay.install(loop)
-        t = threading.Thread(target=lambda: [logging.getLogger("metrion.requests").warning("w %d", i) for i in range(3)])
+        requests = logging.getLogger("metrion.requests")
+        t = threading.Thread(target=lambda: [requests.warning("w %d", i) for i in range(3)])
         t.start()
         t.join()
         assert capture.seen == []  # waiting for the loop, which is not running
