@@ -24,6 +24,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -74,6 +75,7 @@ class Health:
     store: Any  # metrion_addon.store.Store, or None before the config is loaded
     max_backlog: int  # past this many waiting rows, an unwritable database makes the proxy unhealthy
     started: float
+    accounting: Callable[[], int] = lambda: 0  # finished requests not yet made rows (the accountant's queue)
 
     def check(self, now: float | None = None) -> tuple[int, dict[str, Any]]:
         """The SQLite store is unreachable when its last write failed or one is stuck; the PostgreSQL store
@@ -88,13 +90,15 @@ class Health:
         spooled = int(getattr(store, "spooled", 0) or 0)
         stuck = busy is not None and now - busy >= STALLED_WRITE_S
         reachable = not getattr(store, "failing", False) and not spooling and not stuck
+        accounting = self.accounting()
         backlog = store.pending()
-        healthy = reachable or backlog - spooled < self.max_backlog
+        healthy = reachable or accounting + backlog - spooled < self.max_backlog
         body = {
             "status": "ok" if healthy else "unavailable",
             "version": __version__,
             "uptime_s": round(now - self.started, 3),
             "database_reachable": reachable,
+            "accounting_backlog": accounting,
             "writer_backlog": backlog,
             "backlog_threshold": self.max_backlog,
             "rows_written": store.written,

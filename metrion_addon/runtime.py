@@ -64,6 +64,7 @@ class Runtime:
         batches = BatchHooks(config, pricer, ops.observed(store), gate, options.metrion_batch_poll_seconds)
         batches.start()  # batch result rows go through ops.observed: metrics and logs see them too
         accountant = Accountant(pricer, ops.observed(store, inline=True)).start()  # request rows too, observed there
+        ops.health.accounting = accountant.pending  # rows still being made count toward health's backlog
         return cls(config, Authenticator(config.accounts), pricer, store, gate, batches, accountant)
 
     def close(self) -> None:

@@ -90,6 +90,16 @@ def test_health_rule(store: FakeStore | FakePgStore, status: int, reachable: boo
     assert body["status"] == ("ok" if status == 200 else "unavailable")
 
 
+def test_health_counts_requests_not_yet_accounted() -> None:
+    """Finished requests waiting for the accounting thread are rows in memory too: with an unwritable database
+    they count toward the threshold with the writer's own backlog."""
+    health = Health(FakeStore(pending=6, failing=True), 10, started=0.0)
+    assert health.check(now=1.0)[0] == 200
+    health.accounting = lambda: 4
+    code, body = health.check(now=1.0)
+    assert (code, body["accounting_backlog"], body["writer_backlog"]) == (503, 4, 6)
+
+
 def test_health_not_configured() -> None:
     assert Health(None, 10, 0.0).check()[0] == 503
 
