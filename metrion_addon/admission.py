@@ -101,6 +101,10 @@ class Gate:
                 from metrion_addon.leases import LeaseBook  # psycopg: fleet mode only
 
                 self.budgets.fleet = LeaseBook(fleet_url, self.budgets).start()
+                if self.alerter.hooks:
+                    from metrion_addon.fleet_alerts import AlertClaims
+
+                    self.alerter.claims = AlertClaims(fleet_url)  # the fleet sends each alert once
             conn = connect(database)
             try:
                 if not fleet_url:

@@ -2,8 +2,9 @@
 
 `alerts: [{url: https://..., on: [soft, hard_80, hard]}]` in the config. Budgets decide *when* (once per budget,
 threshold and period: budget.Budgets._alert); this module only delivers: the event loop calls `enqueue`, which
-never blocks (a full queue drops the alert with a log line), and a daemon thread POSTs the JSON, retrying a few
-times with a growing pause. Failures are logged, never raised.
+never blocks (a full queue drops the alert with a log line), and a daemon thread POSTs the JSON to every hook that
+wants the event, retrying a few times with a growing pause. Failures are logged, never raised. In fleet mode the
+thread first claims the alert in PostgreSQL (`claims`, fleet_alerts.py), so the fleet sends it once.
 """
 
 from __future__ import annotations
@@ -52,9 +53,10 @@ class Alerter:
     ) -> None:
         self.hooks = hooks
         self.attempts, self.backoff, self.timeout = attempts, backoff, timeout
-        self._queue: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue(QUEUE_MAX)
+        self._queue: queue.Queue[tuple[tuple[str, ...], dict[str, Any]] | None] = queue.Queue(QUEUE_MAX)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self.claims: Any = None  # fleet mode: fleet_alerts.AlertClaims, asked on the alert thread before sending
 
     def start(self) -> Alerter:
         if self.hooks and self._thread is None:
@@ -66,13 +68,12 @@ class Alerter:
         """Called on the event loop: never blocks."""
         if self._thread is None:
             return
-        body = payload(event, state)
-        for hook in self.hooks:
-            if event in hook.on:
-                try:
-                    self._queue.put_nowait((hook.url, body))
-                except queue.Full:
-                    log.error("metrion: alert queue full; dropped a %s alert for %s", event, state.name)
+        urls = tuple(hook.url for hook in self.hooks if event in hook.on)
+        if urls:
+            try:
+                self._queue.put_nowait((urls, payload(event, state)))
+            except queue.Full:
+                log.error("metrion: alert queue full; dropped a %s alert for %s", event, state.name)
 
     def close(self, timeout: float = 2.0) -> None:
         """Stop after what is queued has been tried (waiting at most `timeout` seconds)."""
@@ -83,13 +84,19 @@ class Alerter:
             self._queue.put_nowait(None)
         self._thread.join(timeout)
         self._thread = None
+        if self.claims is not None:
+            self.claims.close()
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            self.deliver(*item)
+            urls, body = item
+            if self.claims is not None and not self.claims.claim(body):
+                continue  # another proxy of the fleet sent it
+            for url in urls:
+                self.deliver(url, body)
 
     def deliver(self, url: str, body: dict[str, Any]) -> bool:
         import urllib.error  # on the alert thread, at the first alert: a proxy without alerts never loads it

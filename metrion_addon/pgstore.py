@@ -86,6 +86,12 @@ def _create_budget_leases(conn: psycopg.Connection[Any]) -> None:
     create_tables(conn)
 
 
+def _create_budget_alerts(conn: psycopg.Connection[Any]) -> None:
+    from metrion_addon.fleet_alerts import create_table  # an alert sent once by the fleet (fleet_alerts.py)
+
+    create_table(conn)
+
+
 def _report_indexes(conn: psycopg.Connection[Any]) -> None:
     """What `metrion report` reads on the server: `top` walks the most expensive rows first (ORDER BY cost_usd
     DESC, id), and the `--model` prefix is a byte range (COLLATE "C", as SQLite compares). The other views are
@@ -99,6 +105,7 @@ PG_MIGRATIONS: list[Callable[[psycopg.Connection[Any]], None]] = [
     create_batches_table,
     _create_budget_leases,
     _report_indexes,
+    _create_budget_alerts,
 ]
 
 

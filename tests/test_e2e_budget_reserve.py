@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from metrion_addon.config import load_config
 from metrion_addon.pricing import Pricer
 from tests.conftest import Proxy, start_proxy, stop_proxy
 from tests.fake_upstream import FakeUpstream, Scenario
+from tests.webhook import Hooks
 
 TOKEN = "sk-metrion-team-0000000000000000"
 ALICE_TOKEN = "sk-metrion-alice-000000000000000"
@@ -235,40 +235,6 @@ def test_free_endpoints_pass_an_exhausted_budget(fake: FakeUpstream, tmp_path: P
         assert post(c, "free", path="/v1/messages/count_tokens").status_code == 200
         models = c.get("/v1/models", headers={"x-api-key": TOKEN, "x-fake-scenario": "free"})
         assert models.status_code == 200
-
-
-class Hooks:
-    """A local webhook receiver."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-        self.cond = threading.Condition()
-        hooks = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                self.send_response(204)
-                self.end_headers()
-                with hooks.cond:
-                    hooks.calls.append(body)
-                    hooks.cond.notify_all()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def wait(self, n: int) -> list[dict[str, Any]]:
-        with self.cond:
-            assert self.cond.wait_for(lambda: len(self.calls) >= n, 15), self.calls
-            return list(self.calls)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
 
 
 def test_webhook_gets_one_call_per_threshold_per_period(

@@ -21,6 +21,7 @@ import pytest
 from tests.conftest import Proxy, start_proxy, stop_proxy
 from tests.fake_upstream import FakeUpstream, Scenario
 from tests.pgserver import PgServer, start_pg, unavailable_reason
+from tests.webhook import Hooks
 
 _REASON = unavailable_reason()
 if _REASON and os.environ.get("CI") == "true":
@@ -214,3 +215,40 @@ def test_a_dead_proxys_slice_is_reclaimed_when_its_lease_expires(
     finally:
         stop_proxy(second)
         stop_proxy(first)
+
+
+def test_an_alert_crossed_on_every_proxy_is_sent_once(pg: PgServer, fake: FakeUpstream, tmp_path: Path) -> None:
+    """A soft budget that one request alone uses up, one request through each of three proxies: each proxy sees
+    the budget reached by its own spend and decides the `soft` alert is due; the webhook gets it once, and the
+    other two proxies log that another proxy sent it."""
+    fake.add("fleet-alert", Scenario(usage=USAGE))
+    token = TOKEN.replace("fleet", "alert")
+    hooks = Hooks()
+    config = (
+        CONFIG.replace("name: fleet", "name: alerted").replace(TOKEN, token).replace(f"{{daily: {LIMIT}}}", "")
+        + f"alerts:\n  - url: {hooks.url}\n"
+    ).replace("budget: \n", "budget: {daily: {usd: 0.001, enforce: soft}}\n")
+    proxies: list[Proxy] = []
+    try:
+        for i in range(3):
+            (tmp_path / f"p{i}").mkdir()
+            proxies.append(start_proxy(tmp_path / f"p{i}", fake.url, config, db=pg.url))  # type: ignore[arg-type]
+        headers = {"x-api-key": token, "content-type": "application/json", "x-fake-scenario": "fleet-alert"}
+        body = {"model": "claude-test-1", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}
+        for p in proxies:
+            assert httpx.post(p.url + "/v1/messages", json=body, headers=headers, timeout=30).status_code == 200
+
+        said = "budget alert soft for account 'alerted' daily budget was sent by another proxy"
+
+        def skipped() -> int:
+            return sum(said in p.log.read_text() for p in proxies)
+
+        deadline = time.monotonic() + 30
+        while not (hooks.calls and skipped() == 2):
+            assert time.monotonic() < deadline, (hooks.calls, skipped())
+            time.sleep(0.05)
+    finally:
+        for p in proxies:
+            stop_proxy(p)
+        hooks.close()
+    assert [c["event"] for c in hooks.calls] == ["soft"] and hooks.calls[0]["account"] == "alerted"
