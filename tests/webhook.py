@@ -18,12 +18,12 @@ class Hooks:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-                self.send_response(204)
-                self.end_headers()
-                with hooks.cond:
+                with hooks.cond:  # recorded before the answer: a sender that got its answer finds its call here
                     hooks.calls.append(body)
                     hooks.paths.append(self.path)
                     hooks.cond.notify_all()
+                self.send_response(204)
+                self.end_headers()
 
             def log_message(self, *args: Any) -> None:
                 pass
