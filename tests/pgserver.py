@@ -17,6 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.netutil import free_port
 
 
@@ -75,6 +77,15 @@ def unavailable_reason() -> str | None:
         except KeyError:
             return "running as root without a 'postgres' user to own the test cluster"
     return None
+
+
+def needs_pg() -> pytest.MarkDecorator:
+    """The mark of a module whose tests need a PostgreSQL server: they skip, with the reason, on a machine without
+    one; under CI=true (where .ci/run installs it) a missing server is an error, never a silent skip."""
+    reason = unavailable_reason()
+    if reason and os.environ.get("CI") == "true":
+        raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {reason}")
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
 def start_pg() -> PgServer:

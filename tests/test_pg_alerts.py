@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,13 +15,10 @@ from metrion_addon.budget import BudgetState
 from metrion_addon.budget_settings import Limit
 from metrion_addon.fleet_alerts import AlertClaims
 from metrion_addon.pgstore import pg_migrate
-from tests.pgserver import PgServer, start_pg, unavailable_reason
+from tests.pgserver import PgServer, needs_pg, start_pg
 from tests.webhook import Hooks
 
-_REASON = unavailable_reason()
-if _REASON and os.environ.get("CI") == "true":
-    raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {_REASON}")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+pytestmark = needs_pg()
 
 DAY = datetime(2026, 12, 1, tzinfo=UTC)
 

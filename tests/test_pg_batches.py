@@ -3,7 +3,6 @@ file, and every result is in the database once (its row_id is derived from batch
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,13 +11,10 @@ import pytest
 
 from tests.conftest import Proxy, start_proxy, stop_proxy
 from tests.fake_upstream import FakeUpstream
-from tests.pgserver import PgServer, start_pg, unavailable_reason
+from tests.pgserver import PgServer, needs_pg, start_pg
 from tests.test_e2e_batches import FOUR, batch_cost, req, results, sdk
 
-_REASON = unavailable_reason()
-if _REASON and os.environ.get("CI") == "true":
-    raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {_REASON}")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+pytestmark = needs_pg()
 
 
 @pytest.fixture(scope="module")

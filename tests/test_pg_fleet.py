@@ -5,7 +5,6 @@ upstream was asked to send."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,12 +14,9 @@ import psycopg
 import pytest
 
 from tests.conftest import MANAGED_TOKEN, FakeProcess, Proxy, start_fake_process, start_proxy, stop_proxy
-from tests.pgserver import PgServer, start_pg, unavailable_reason
+from tests.pgserver import PgServer, needs_pg, start_pg
 
-_REASON = unavailable_reason()
-if _REASON and os.environ.get("CI") == "true":
-    raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {_REASON}")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+pytestmark = [pytest.mark.slow, needs_pg()]
 
 PROXIES, CLIENTS, REQUESTS = 3, 200, 10_000
 

@@ -7,7 +7,6 @@ with its slice: the other gets that slice once the dead lease has expired."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -20,13 +19,10 @@ import pytest
 
 from tests.conftest import Proxy, start_proxy, stop_proxy
 from tests.fake_upstream import FakeUpstream, Scenario
-from tests.pgserver import PgServer, start_pg, unavailable_reason
+from tests.pgserver import PgServer, needs_pg, start_pg
 from tests.webhook import Hooks
 
-_REASON = unavailable_reason()
-if _REASON and os.environ.get("CI") == "true":
-    raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {_REASON}")
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_REASON is not None, reason=_REASON or "")]
+pytestmark = [pytest.mark.slow, needs_pg()]
 
 TOKEN = "sk-metrion-fleet-000000000000000"
 LIMIT = 0.10

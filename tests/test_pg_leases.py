@@ -5,7 +5,6 @@ rows already recorded; and Budgets admitting against a proxy's slice (no databas
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -20,12 +19,9 @@ from metrion_addon.budget import Budgets
 from metrion_addon.budget_settings import AccountBudgets, BudgetSettings, Limit
 from metrion_addon.leases import LeaseBook, ensure, reclaim, scope_text, sync
 from metrion_addon.pgstore import pg_migrate
-from tests.pgserver import PgServer, start_pg, unavailable_reason
+from tests.pgserver import PgServer, needs_pg, start_pg
 
-_REASON = unavailable_reason()
-if _REASON and os.environ.get("CI") == "true":
-    raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {_REASON}")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+pytestmark = needs_pg()
 
 DAY = datetime(2026, 12, 1, tzinfo=UTC)
 END = datetime(2026, 12, 2, tzinfo=UTC)

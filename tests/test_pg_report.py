@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import json
 import operator
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -24,13 +23,10 @@ from metrion_addon.report.html_data import collect
 from metrion_addon.report.queries import Filters, Options
 from metrion_addon.schema import iso_ms
 from metrion_addon.store import Store
-from tests.pgserver import PgServer, start_pg, unavailable_reason
+from tests.pgserver import PgServer, needs_pg, start_pg
 from tests.test_report import HAIKU, ROWS, SONNET, _row, _tokens
 
-_REASON = unavailable_reason()
-if _REASON and os.environ.get("CI") == "true":
-    raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {_REASON}")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+pytestmark = needs_pg()
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 HOSTILE = ["'; DROP TABLE requests; --", "<script>x</script>", "None", "Zoë", "zed", "Ärger", "a", "B", '"q"',

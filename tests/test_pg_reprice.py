@@ -3,7 +3,6 @@ same output, in batches inside one transaction, money as numeric."""
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Iterator
 from decimal import Decimal
@@ -15,13 +14,10 @@ import pytest
 from metrion_addon import reprice as reprice_mod
 from metrion_addon.cli import main as cli_main
 from metrion_addon.reprice import main
-from tests.pgserver import PgServer, start_pg, unavailable_reason
+from tests.pgserver import PgServer, needs_pg, start_pg
 from tests.test_reprice_unit import TS, make_row, write_config
 
-_REASON = unavailable_reason()
-if _REASON and os.environ.get("CI") == "true":
-    raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {_REASON}")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+pytestmark = needs_pg()
 
 DAY = 86400.0
 COSTS = "SELECT id, model, cost_usd, cost_input_usd, cost_output_usd, price_source FROM requests ORDER BY id"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -21,12 +20,9 @@ from metrion_addon.config import ConfigError, load_config
 from metrion_addon.pgstore import PgStore, redacted
 from metrion_addon.record import iso_ms
 from tests.conftest import MANAGED_TOKEN, FakeProcess, start_fake_process, start_proxy, stop_proxy
-from tests.pgserver import PgServer, start_pg, unavailable_reason
+from tests.pgserver import PgServer, needs_pg, start_pg
 
-_REASON = unavailable_reason()
-if _REASON and os.environ.get("CI") == "true":
-    raise RuntimeError(f"CI=true needs PostgreSQL for these tests: {_REASON}")
-pytestmark = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+pytestmark = needs_pg()
 
 TS0 = 1_795_000_000.0
 
