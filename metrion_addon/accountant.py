@@ -15,7 +15,8 @@ the GIL over twice, and at c=1 it comes exactly when the event loop has the clie
 the queue is empty the thread waits on it, so the first job after a pause is taken at once. The store's writer
 gathers rows the same way: a row reaches the database at most `gather` + the store's flush interval after its
 request ended. Measured at c=1 (lean proxy, small requests; this, the observer's work done here and mitmproxy's
-add_log relay removed, proxy.py): the proxy's CPU per request went from 1.13x bare mitmdump's to 0.83x.
+add_log relay removed, proxy.py): the proxy's CPU per request went from 1.13x bare mitmdump's to 0.83x in that
+measurement; full benchmark runs since put it at 0.93-1.05x, their run-to-run spread (BENCHMARKS.md).
 
 Every request still leaves exactly one row: a job that fails to account is stored with what is certain, and
 `close()` drains the queue before the store closes.
