@@ -32,8 +32,8 @@ from typing import Any
 
 from metrion_addon import record
 from metrion_addon.pricing import Pricer
-from metrion_addon.record import Pending, finish
-from metrion_addon.schema import RequestRow, iso_ms
+from metrion_addon.record import Pending, finish, identity
+from metrion_addon.schema import RequestRow
 from metrion_addon.sse import incremental_decoder
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,7 @@ def account(job: Finished, pricer: Pricer) -> RequestRow:
     except Exception:  # never lose the row over a bug in accounting: keep what is certain
         log.exception("metrion: failed to account a request; recording it without usage")
         row: RequestRow = {
-            "ts": iso_ms(p.started),
-            "account": p.account,
-            "user": p.user,
-            "mode": p.mode,
-            "method": p.method,
-            "path": p.path,
-            "model": p.model,
-            "stream": int(p.streamed),
+            **identity(p, p.model),
             "status": job.status,
             "completed": 0,
             "error": "metrion_internal_error",

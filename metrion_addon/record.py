@@ -137,6 +137,21 @@ def tap_failed(p: Pending) -> bool:
     return p.tap is not None and p.tap.failed is not None
 
 
+def identity(p: Pending, model: str | None) -> RequestRow:
+    """The columns known before anything is forwarded: when, who, how and to what (every row starts with them)."""
+    row: RequestRow = {
+        "ts": iso_ms(p.started),
+        "account": p.account,
+        "user": p.user,
+        "mode": p.mode,
+        "method": p.method,
+        "path": p.path,
+        "model": model,
+        "stream": int(p.streamed),
+    }
+    return row
+
+
 def finish(
     p: Pending,
     *,
@@ -177,14 +192,7 @@ def finish(
 
     ttft_at = f.first_byte_at if p.streamed else headers_at
     row: RequestRow = {
-        "ts": iso_ms(p.started),
-        "account": p.account,
-        "user": p.user,
-        "mode": p.mode,
-        "method": p.method,
-        "path": p.path,
-        "model": model,
-        "stream": int(p.streamed),
+        **identity(p, model),
         "status": status,
         "request_id": clean_text(request_id),
         "message_id": clean_text(f.message_id),
