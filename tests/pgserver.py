@@ -88,8 +88,9 @@ def needs_pg() -> pytest.MarkDecorator:
     return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
-def start_pg() -> PgServer:
-    """initdb + start on 127.0.0.1 only, trust auth for the `metrion` role, database `metrion`."""
+def start_pg(migrated: bool = False) -> PgServer:
+    """initdb + start on 127.0.0.1 only, trust auth for the `metrion` role, database `metrion`; `migrated`: with
+    metrion's tables (pgstore.pg_migrate) already made."""
     user = "postgres" if os.geteuid() == 0 else None
     base = Path(tempfile.mkdtemp(prefix="metrion-pg-"))
     datadir = base / "data"
@@ -108,4 +109,11 @@ def start_pg() -> PgServer:
         f.write("fsync = off\nfull_page_writes = off\n")  # a throwaway cluster: speed over durability
     server.start_server()
     server._run(pg_bin("createdb") or "createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "metrion", "metrion")
+    if migrated:
+        import psycopg
+
+        from metrion_addon.pgstore import pg_migrate
+
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            pg_migrate(conn)
     return server

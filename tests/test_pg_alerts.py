@@ -7,14 +7,12 @@ from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 import pytest
 
 from metrion_addon.alerts import Alerter, AlertHook
 from metrion_addon.budget import BudgetState
 from metrion_addon.budget_settings import Limit
 from metrion_addon.fleet_alerts import AlertClaims
-from metrion_addon.pgstore import pg_migrate
 from tests.pgserver import PgServer, needs_pg, start_pg
 from tests.webhook import Hooks
 
@@ -25,9 +23,7 @@ DAY = datetime(2026, 12, 1, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PgServer]:
-    server = start_pg()
-    with psycopg.connect(server.url, autocommit=True) as conn:
-        pg_migrate(conn)
+    server = start_pg(migrated=True)
     yield server
     server.close()
 

@@ -18,7 +18,6 @@ import pytest
 from metrion_addon.budget import Budgets
 from metrion_addon.budget_settings import AccountBudgets, BudgetSettings, Limit
 from metrion_addon.leases import LeaseBook, ensure, reclaim, scope_text, sync
-from metrion_addon.pgstore import pg_migrate
 from tests.pgserver import PgServer, needs_pg, start_pg
 
 pytestmark = needs_pg()
@@ -29,9 +28,7 @@ END = datetime(2026, 12, 2, tzinfo=UTC)
 
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PgServer]:
-    server = start_pg()
-    with psycopg.connect(server.url, autocommit=True) as conn:
-        pg_migrate(conn)
+    server = start_pg(migrated=True)
     yield server
     server.close()
 
