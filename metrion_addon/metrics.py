@@ -116,14 +116,21 @@ class Labels:
 
 
 class _StateCollector(Collector):
-    """Values read at scrape time: the writer's backlog and counts, and the budgets' remaining amounts."""
+    """Values read at scrape time: the accounting and writer backlogs, the writer's counts, and the budgets'
+    remaining amounts."""
 
-    def __init__(self, store: Any, budgets: Callable[[], list[tuple[dict[str, str], float]]]) -> None:
+    def __init__(
+        self, store: Any, budgets: Callable[[], list[tuple[dict[str, str], float]]], accounting: Callable[[], int]
+    ) -> None:
         self.store = store
         self.budgets = budgets
+        self.accounting = accounting
 
     def collect(self) -> Iterator[Any]:
         store = self.store
+        yield GaugeMetricFamily(
+            "metrion_accounting_backlog", "Finished requests waiting to be made rows", value=self.accounting()
+        )
         yield GaugeMetricFamily("metrion_writer_backlog", "Request rows waiting to be written", value=store.pending())
         yield CounterMetricFamily("metrion_rows_written", "Request rows written to the database", value=store.written)
         yield CounterMetricFamily(
@@ -179,8 +186,13 @@ class Metrics:
         self._server: Any = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
-    def add_state(self, store: Any, budgets: Callable[[], list[tuple[dict[str, str], float]]]) -> None:
-        self.registry.register(_StateCollector(store, budgets))
+    def add_state(
+        self,
+        store: Any,
+        budgets: Callable[[], list[tuple[dict[str, str], float]]],
+        accounting: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.registry.register(_StateCollector(store, budgets, accounting))
 
     def observe(self, row: dict[str, Any]) -> None:
         """One finished row (runs on the observer thread)."""

@@ -306,7 +306,7 @@ class Service:
                 lambda model: pricer.knows(model, time.time()),
             )
             metrics = Metrics(labels)
-            metrics.add_state(store, lambda: budget_samples(budgets, labels))
+            metrics.add_state(store, lambda: budget_samples(budgets, labels), lambda: self.health.accounting())
             try:
                 metrics.serve(host, port)
             except OSError as e:

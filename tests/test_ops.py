@@ -224,7 +224,7 @@ def test_metrics_equal_database_sums(ops_proxy: tuple[Proxy, int], fake: FakeUps
     users = {dict(labels).get("user") for (name, labels) in m if name == "metrion_requests_total"}
     assert users <= {"alice", "other"} and "alice" in users
     assert total(m, "metrion_requests_total", user="alice") == sum(1 for r in rows if r["user"] == "alice")
-    assert total(m, "metrion_writer_backlog") >= 0
+    assert m[("metrion_writer_backlog", ())] >= 0 and m[("metrion_accounting_backlog", ())] >= 0  # both exported
 
 
 def test_metrics_high_cardinality_guard(ops_proxy: tuple[Proxy, int], fake: FakeUpstream) -> None:

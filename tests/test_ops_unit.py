@@ -10,7 +10,7 @@ from mitmproxy import http
 from metrion_addon.budget import Budgets
 from metrion_addon.budget_settings import AccountBudgets, BudgetSettings, Limit
 from metrion_addon.config import ConfigError, parse_config
-from metrion_addon.metrics import MAX_MODELS, Labels, budget_samples, error_label, status_label
+from metrion_addon.metrics import MAX_MODELS, Labels, Metrics, budget_samples, error_label, status_label
 from metrion_addon.ops import Health, probe_kind, request_line
 from metrion_addon.record import attempt_headers, counted_tokens
 
@@ -98,6 +98,15 @@ def test_health_counts_requests_not_yet_accounted() -> None:
     health.accounting = lambda: 4
     code, body = health.check(now=1.0)
     assert (code, body["accounting_backlog"], body["writer_backlog"]) == (503, 4, 6)
+
+
+def test_metrics_export_both_backlogs() -> None:
+    from prometheus_client import generate_latest
+
+    metrics = Metrics(Labels(["acme"], [], lambda m: True))
+    metrics.add_state(FakeStore(pending=6), lambda: [], lambda: 4)
+    text = generate_latest(metrics.registry).decode()
+    assert "metrion_accounting_backlog 4.0" in text and "metrion_writer_backlog 6.0" in text
 
 
 def test_health_not_configured() -> None:
