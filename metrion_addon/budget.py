@@ -304,7 +304,11 @@ class Budgets:
                 t.amount += amount
                 for key in t.keys:
                     self._reserved[key] = self._reserved.get(key, 0.0) + amount
-            check = self.check(account, user, now=started, alert=False)  # remaining counts this reservation
+            after = self.check(account, user, now=started, alert=False)  # remaining counts this reservation
+            # Admitted. A reservation that fills a limit (or a fleet slice) exactly makes it "used up" for the
+            # next request, not for this one: refusing here would leave the reservation held by a request that
+            # was never forwarded.
+            check = Check(None, after.warnings, after.remaining)
         return check
 
     def settle(self, ticket: Hashable, cost: float | None) -> bool:

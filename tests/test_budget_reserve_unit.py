@@ -133,6 +133,22 @@ def test_reservations_hold_a_hard_limit_under_a_burst() -> None:
     assert b.settle("t0", 1.0) is False  # settled once only
 
 
+def test_a_reservation_that_fills_the_limit_exactly_is_admitted() -> None:
+    """The check after reserving says what remains for the headers; it is not a second admission test. It once
+    refused a request whose reservation reached the limit exactly, and the reservation stayed held."""
+    clock = Clock()
+    b = Budgets(settings(alice=(Limit("daily", 0.25),)), clock)
+    b.open("exact", "acme", "alice", clock.now)
+    c = b.reserve("exact", "acme", "alice", 0.25, clock.now)
+    assert c.blocked is None and c.remaining == pytest.approx(0.0)
+    assert b.reserved_for("exact") == pytest.approx(0.25)
+    b.open("next", "acme", "alice", clock.now)
+    assert b.reserve("next", "acme", "alice", 0.01, clock.now).blocked is not None  # the next one is refused
+    assert b.reserved_for("next") == 0
+    b.settle("exact", 0.1)
+    assert b.check("acme", "alice").remaining == pytest.approx(0.15)
+
+
 def test_refusal_message_and_spent_counts_in_the_start_period() -> None:
     clock = Clock(datetime(2026, 11, 28, 23, 59, 59, tzinfo=UTC).timestamp())
     b = Budgets(settings(alice=(Limit("daily", 0.2),)), clock)
