@@ -285,8 +285,12 @@ class Gate:
                 why, retry = "cannot be had while the fleet's budget database is unreachable", "5"
             elif free is None or free > 0:
                 why, retry = "is getting this proxy's share of it from the fleet's database", "1"
-            else:  # handed out: other proxies hold the rest, until they spend it, go idle or their leases expire
-                why, retry = "is held by other proxies of the fleet for now", "30"
+            else:  # handed out: the other proxies hand back what they are not using (leases.py, fragment pooling)
+                why, retry = (
+                    "is held by other proxies of the fleet, which hand back what they are not using within seconds "
+                    "(a stopped proxy's share: when its lease expires)",
+                    "5",
+                )
             asked = f"this request's worst-case cost of ${check.asked:,.4f}" if check.asked else "this request"
             msg = (
                 f"metrion budget: {b.name} of ${b.limit.usd:,.2f} (spent fleet-wide about ${b.spent:,.4f}) cannot "

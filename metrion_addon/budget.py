@@ -249,7 +249,7 @@ class Budgets:
             for s in hard:
                 if s.slice_only(amount):  # the lease thread asks the fleet for more (this request is refused meanwhile)
                     need = s.own + s.reserved + amount - (s.allowance or 0.0)
-                    self.fleet.want((s.scope, s.limit.period, s.period_start), max(need, 0.0))
+                    self.fleet.want((s.scope, s.limit.period, s.period_start), max(need, 0.0), amount)
         warnings = tuple(s for s in states if not s.limit.hard and s.exceeded)
         for s in warnings:
             key = (s.scope, s.limit.period, s.period_start)

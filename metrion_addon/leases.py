@@ -5,7 +5,8 @@ Tables (a PostgreSQL migration, pgstore.PG_MIGRATIONS):
   period when the row was made, so turning fleet budgets on mid-period forgets nothing) and `granted`, which is
   always `seed + sum(budget_leases.granted)` for the period.
 - `budget_leases` (instance, scope, period, period_start): what this proxy instance holds (`granted`), what it
-  has spent or reserved (`used`, reported at each sync) and `expires_at`.
+  has spent or reserved (`used`, reported at each sync), `expires_at`, and `wants`: the worst case of a request
+  it refused that the fleet's free money could not cover (0: none), for fragment pooling (`_sync_key`).
 
 A grant is one atomic `UPDATE budget_periods SET granted = granted + LEAST(want, GREATEST(0, limit - granted))
 ... RETURNING`: whatever the proxies do concurrently, the slices granted never add up to more than the limit.
@@ -46,6 +47,7 @@ MARGIN = 5.0  # a proxy stops admitting on a slice this long before its lease ca
 HEARTBEAT = 3.0  # seconds between syncs of a key that needs nothing
 IDLE_RETURN = 30.0  # a slice unused this long gives its headroom back to the fleet
 RECLAIM_EVERY = 5.0
+WANT_FOR = 60.0  # a proxy goes on asking for what a refused request lacked this long after the last refusal
 TURN = 0.5  # the thread's pace when nothing wakes it
 
 
@@ -66,6 +68,12 @@ def create_tables(conn: psycopg.Connection[Any]) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS budget_leases_expiry ON budget_leases (expires_at)")
 
 
+def add_wants(conn: psycopg.Connection[Any]) -> None:
+    """`wants`: the worst case of a request a proxy refused and the fleet's free money could not cover (0: none),
+    so that the others hand back the headroom they are not using (fragment pooling, see LeaseBook._sync_key)."""
+    conn.execute("ALTER TABLE budget_leases ADD COLUMN IF NOT EXISTS wants numeric NOT NULL DEFAULT 0")
+
+
 def scope_text(scope: tuple[str, str | None, bool]) -> str:
     return json.dumps(list(scope))
 
@@ -77,6 +85,8 @@ class Synced:
     consumed: float  # seed + every lease's reported use: fleet-wide spend (and reservations), as of now
     others_live: int  # other live leases with headroom
     got: float  # granted by this sync
+    first_wanter: str | None = None  # the live lease with unmet `wants` that comes first (by instance), if any
+    first_wants: float = 0.0  # the worst case of the request it refused
 
 
 def ensure(conn: psycopg.Connection[Any], key: Key, limit: float, end: datetime) -> tuple[float, int]:
@@ -118,9 +128,13 @@ def sync(
     want: float = 0.0,
     give_back: float = 0.0,
     ttl: float = TTL,
+    need: float = 0.0,
+    size: float = 0.0,
 ) -> Synced:
     """Report `used`, ask for `want` more or give back up to `give_back` of the unspent slice (math.inf: all of
-    it), and renew the lease.
+    it), and renew the lease. `need`: what a request of worst case `size` that this proxy refused lacked; if this
+    sync cannot grant all of it, `size` is recorded as the lease's `wants`, for the other proxies to see (0:
+    nothing is wanted).
     The period row must exist (`ensure`). Spend beyond the slice (a reclaimed lease, a request that cost more than
     it reserved) is added to the fleet's total, so `granted = seed + sum(leases)` holds and others see it."""
     scope, period, start = scope_text(key[0]), key[1], key[2]
@@ -146,11 +160,12 @@ def sync(
         got, total, seed = (float(v) for v in got_total)
         granted = used if back > 0 and back >= max(old, used) - used else old + extra + got - back  # exact at 0
         conn.execute(
-            "INSERT INTO budget_leases (instance, scope, period, period_start, granted, used, expires_at) "
+            "INSERT INTO budget_leases (instance, scope, period, period_start, granted, used, expires_at, wants) "
             "VALUES (%(instance)s, %(scope)s, %(period)s, %(start)s, %(granted)s, %(used)s, "
-            "now() + make_interval(secs => %(ttl)s)) ON CONFLICT (instance, scope, period, period_start) DO UPDATE "
-            "SET granted = EXCLUDED.granted, used = EXCLUDED.used, expires_at = EXCLUDED.expires_at",
-            {**pk, "granted": granted, "used": used, "ttl": ttl},
+            "now() + make_interval(secs => %(ttl)s), %(wants)s) ON CONFLICT (instance, scope, period, period_start) "
+            "DO UPDATE SET granted = EXCLUDED.granted, used = EXCLUDED.used, expires_at = EXCLUDED.expires_at, "
+            "wants = EXCLUDED.wants",
+            {**pk, "granted": granted, "used": used, "ttl": ttl, "wants": max(size, need) if need > got else 0.0},
         )
         used_all, live = conn.execute(
             "SELECT COALESCE(SUM(used), 0), count(*) FILTER (WHERE instance <> %(instance)s AND expires_at > now() "
@@ -158,7 +173,13 @@ def sync(
             "AND period_start = %(start)s",
             pk,
         ).fetchone()  # type: ignore[misc]
-    return Synced(granted, total, seed + float(used_all), int(live), got)
+        first = conn.execute(
+            "SELECT instance, wants FROM budget_leases WHERE scope = %(scope)s AND period = %(period)s "
+            "AND period_start = %(start)s AND expires_at > now() AND wants > 0 ORDER BY instance LIMIT 1",
+            pk,
+        ).fetchone()
+    wanter, wants = (first[0], float(first[1])) if first else (None, 0.0)
+    return Synced(granted, total, seed + float(used_all), int(live), got, wanter, wants)
 
 
 def reclaim(conn: psycopg.Connection[Any]) -> float:
@@ -211,7 +232,9 @@ class LeaseBook:
         self.heartbeat = min(HEARTBEAT, (ttl - self.margin) / 3)  # a live slice never lapses between syncs
         self.instance = f"{socket.gethostname()[:40]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._held: dict[Key, _Held] = {}
-        self._wanted: dict[Key, float] = {}
+        self._wanted: dict[Key, tuple[float, float]] = {}  # (shortfall, worst case) of requests refused
+        self._sizes: dict[Key, float] = {}  # the worst case of the last request refused with its body read
+        self._unmet: dict[Key, tuple[float, float]] = {}  # (worst case, when) of a refused request not yet covered
         self._ensured: set[Key] = set()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -239,9 +262,15 @@ class LeaseBook:
         h = self._held.get(key)
         return h.free if h is not None else None
 
-    def want(self, key: Key, shortfall: float) -> None:
-        """A request did not fit this proxy's slice: ask the fleet for at least `shortfall` more."""
-        self._wanted[key] = max(self._wanted.get(key, 0.0), shortfall)
+    def want(self, key: Key, shortfall: float, size: float = 0.0) -> None:
+        """A request of worst case `size` did not fit this proxy's slice: ask the fleet for at least `shortfall`
+        more."""
+        if size > 0:
+            self._sizes[key] = size
+        else:  # refused on its headers (this proxy's slice is used up): about the size of the last one
+            size = self._sizes.get(key, 0.0)
+        had, had_size = self._wanted.get(key, (0.0, 0.0))
+        self._wanted[key] = (max(had, shortfall), max(had_size, size))
         self._wake.set()
 
     # -- life ---------------------------------------------------------------------------------------------
@@ -381,7 +410,13 @@ class LeaseBook:
             h.active_at = mono
         if u != h.used:
             h.active_at = mono
-        need = self._wanted.pop(key, 0.0)
+        wanted = self._wanted.pop(key, None)
+        worst, since = self._unmet.get(key, (0.0, mono))  # a refused request's worst case, not yet covered
+        if wanted is not None:  # a request was refused since the last turn
+            worst, since = max(worst, wanted[1]), mono
+        elif mono - since >= WANT_FOR:  # no request asked for a while: its client has given up
+            worst = 0.0
+        need = max(wanted[0] if wanted else 0.0, worst - (h.granted - u))  # what the slice lacks for it
         want = back = 0.0
         if lim.hard:
             free = lim.usd if h.free is None else h.free
@@ -397,9 +432,29 @@ class LeaseBook:
             s = self._give_back(conn, key, lim, h, back)
             h.active_at = mono
         else:
-            s = sync(conn, self.instance, key, lim.usd, u, want, ttl=self.ttl)
+            need = need if lim.hard else 0.0
+            s = sync(conn, self.instance, key, lim.usd, u, want, ttl=self.ttl, need=need, size=worst)
             self.round_trips += 1
             h.granted, h.used = s.granted, u
+        if lim.hard and need - s.got > 0 and back == 0 and s.others_live > 0:  # others hold some: ask them
+            self._unmet[key] = (worst, since)
+        else:
+            self._unmet.pop(key, None)
+        head = h.granted - h.used
+        if (
+            lim.hard
+            and s.first_wanter not in (None, self.instance)
+            and head > 0
+            and (head < s.first_wants or mono - h.active_at >= self.idle_return)
+        ):
+            # Fragment pooling. Another proxy refused a request that the fleet's free money could not cover, and
+            # it comes first among those that did (by instance). If what this proxy holds unused is too small for
+            # that request (or it has been idle), it hands all of it back (its requests in flight keep their
+            # reservations) and drops its own claim: the fragments left on several proxies, each too small for
+            # the request, end up on the one that needs them. A proxy holding enough for such a request keeps it.
+            self._unmet.pop(key, None)
+            s = self._give_back(conn, key, lim, h, math.inf)
+            h.active_at = mono
         h.synced_at = mono
         h.valid_until = mono + self.ttl - self.margin  # started before the server stamped expires_at
         h.others = max(0.0, s.consumed - h.used)

@@ -92,6 +92,12 @@ def _create_budget_alerts(conn: psycopg.Connection[Any]) -> None:
     create_table(conn)
 
 
+def _budget_lease_wants(conn: psycopg.Connection[Any]) -> None:
+    from metrion_addon.leases import add_wants  # fragment pooling (leases.py)
+
+    add_wants(conn)
+
+
 def _report_indexes(conn: psycopg.Connection[Any]) -> None:
     """What `metrion report` reads on the server: `top` walks the most expensive rows first (ORDER BY cost_usd
     DESC, id), and the `--model` prefix is a byte range (COLLATE "C", as SQLite compares). The other views are
@@ -106,6 +112,7 @@ PG_MIGRATIONS: list[Callable[[psycopg.Connection[Any]], None]] = [
     _create_budget_leases,
     _report_indexes,
     _create_budget_alerts,
+    _budget_lease_wants,
 ]
 
 

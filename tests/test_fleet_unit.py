@@ -37,7 +37,7 @@ class Book:
     def free(self, key: Any) -> float | None:
         return self.free_left
 
-    def want(self, key: Any, shortfall: float) -> None:
+    def want(self, key: Any, shortfall: float, size: float = 0.0) -> None:
         self.wanted[key] = shortfall
 
     def close(self) -> None:
@@ -78,7 +78,7 @@ def test_a_request_is_admitted_within_the_slice_and_refused_beyond_it() -> None:
     assert book.wanted[KEY] > first  # what this request lacked on this proxy: more than the headroom left
     book.free_left = 0.0
     refusal, _ = g.at_body(2, "team", None, "/v1/messages", NOW, 100, body(5000), "POST")
-    assert refusal is not None and refusal.retry_after == "30" and "held by other proxies" in refusal.message
+    assert refusal is not None and refusal.retry_after == "5" and "held by other proxies" in refusal.message
     book.failing = True
     refusal, _ = g.at_body(2, "team", None, "/v1/messages", NOW, 100, body(5000), "POST")
     assert refusal is not None and refusal.retry_after == "5" and "unreachable" in refusal.message
