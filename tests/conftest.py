@@ -8,14 +8,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.fake_upstream import FakeUpstream
 from tests.netutil import free_port, stop_process, wait_port
+
+if TYPE_CHECKING:
+    from metrion_addon.addon import Metrion
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "metrion_addon" / "mitm_script.py"
@@ -29,6 +33,13 @@ HASHED_TOKEN = "sk-metrion-hashed-bbbbbbbbbbbbbbbb"
 PASS_TOKEN = "sk-metrion-pass-cccccccccccccccc"
 NOPASS_TOKEN = "sk-metrion-nopass-dddddddddddddddd"
 SECRETS = (REAL_KEY, CLIENT_KEY, OAUTH_TOKEN, MANAGED_TOKEN, HASHED_TOKEN, PASS_TOKEN, NOPASS_TOKEN)
+CAPPED_TOKEN = "sk-metrion-capped-eeeeeeeeeeeeeeee"
+# An account under a hard daily budget, for config_text's `extra`.
+CAPPED_ACCOUNT = f"""  - name: capped
+    tokens: [{CAPPED_TOKEN}]
+    anthropic_api_key: fake-key
+    budget: {{daily: 100}}
+"""
 
 
 def config_text(db: Path, extra: str = "") -> str:
@@ -53,6 +64,23 @@ accounts:
     allow_passthrough: false
 {extra}
 """
+
+
+@contextmanager
+def configured_addon(tmp: Path, monkeypatch: pytest.MonkeyPatch, extra: str = "") -> Iterator[Metrion]:
+    """The addon in mitmproxy's test context, configured on config_text(tmp / "m.db", extra); `done` on leaving."""
+    from mitmproxy.test import taddons
+
+    from metrion_addon.addon import Metrion
+
+    monkeypatch.setenv("METRION_TEST_REAL_KEY", REAL_KEY)
+    cfg = tmp / "config.yaml"
+    cfg.write_text(config_text(tmp / "m.db", extra))
+    m = Metrion()
+    with taddons.context(m) as tctx:
+        tctx.configure(m, metrion_config=str(cfg))
+        yield m
+        m.done()
 
 
 @dataclass

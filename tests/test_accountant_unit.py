@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from metrion_addon import accountant as accountant_module
 from metrion_addon.accountant import Accountant, Finished, account
 from metrion_addon.addon import Metrion
 from metrion_addon.pricing import Pricer
 from metrion_addon.record import Pending, finish
-from tests.conftest import MANAGED_TOKEN, REAL_KEY, config_text
+from tests.conftest import CAPPED_ACCOUNT, CAPPED_TOKEN, MANAGED_TOKEN, configured_addon
 
 ANSWER = json.dumps(
     {
@@ -110,24 +110,10 @@ def test_one_bad_job_or_row_never_stops_the_others(monkeypatch: pytest.MonkeyPat
 
 # --- the hooks: where each row is built --------------------------------------------------------------------
 
-BUDGETED = "sk-metrion-capped-eeeeeeeeeeeeeeee"
-EXTRA = f"""  - name: capped
-    tokens: [{BUDGETED}]
-    anthropic_api_key: fake-key
-    budget: {{daily: 100}}
-"""
-
-
 @pytest.fixture
 def addon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Metrion]:
-    monkeypatch.setenv("METRION_TEST_REAL_KEY", REAL_KEY)
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(config_text(tmp_path / "m.db", EXTRA))
-    m = Metrion()
-    with taddons.context(m) as tctx:
-        tctx.configure(m, metrion_config=str(cfg))
+    with configured_addon(tmp_path, monkeypatch, CAPPED_ACCOUNT) as m:
         yield m
-        m.done()
 
 
 def answered(m: Metrion, token: str) -> Any:
@@ -146,7 +132,7 @@ def test_under_a_budget_the_real_cost_is_counted_before_the_hook_returns(addon: 
     """So a client's next request is checked against what this one cost, not against its reservation."""
     assert addon.rt is not None
     budgets = addon.rt.budgets
-    f = answered(addon, BUDGETED)
+    f = answered(addon, CAPPED_TOKEN)
     assert [s.reserved for s in budgets.states("capped", None)] != [0.0]  # its worst case, reserved
     addon.response(f)
     (state,) = budgets.states("capped", None)

@@ -16,20 +16,13 @@ from mitmproxy.test import taddons, tflow, tutils
 from metrion_addon import addon as addon_module
 from metrion_addon import guards
 from metrion_addon.addon import Metrion, classify_error
-from tests.conftest import MANAGED_TOKEN, PASS_TOKEN, REAL_KEY, config_text
+from tests.conftest import MANAGED_TOKEN, PASS_TOKEN, REAL_KEY, configured_addon
 
 
 @pytest.fixture
 def metrion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Metrion, Path]]:
-    monkeypatch.setenv("METRION_TEST_REAL_KEY", REAL_KEY)
-    db = tmp_path / "m.db"
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(config_text(db))
-    m = Metrion()
-    with taddons.context(m) as tctx:
-        tctx.configure(m, metrion_config=str(cfg))
-        yield m, db
-        m.done()
+    with configured_addon(tmp_path, monkeypatch) as m:
+        yield m, tmp_path / "m.db"
 
 
 def rows(db: Path) -> list[dict[str, Any]]:

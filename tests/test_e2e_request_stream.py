@@ -10,11 +10,11 @@ from typing import Any
 
 import httpx
 import pytest
-from mitmproxy.test import taddons, tflow
+from mitmproxy.test import tflow
 
 from metrion_addon.addon import STREAM_BODY_MIN, Metrion
 from metrion_addon.reqtap import RequestTap
-from tests.conftest import MANAGED_TOKEN, REAL_KEY, Proxy, config_text
+from tests.conftest import CAPPED_ACCOUNT, CAPPED_TOKEN, MANAGED_TOKEN, REAL_KEY, Proxy, configured_addon
 from tests.fake_upstream import FakeUpstream
 
 
@@ -57,24 +57,10 @@ def test_a_2mb_body_is_forwarded_byte_identical_and_its_row_has_the_model(
 
 # --- the decision, in-process ---------------------------------------------------------------------------
 
-CAPPED = "sk-metrion-capped-eeeeeeeeeeeeeeee"
-HARD = f"""  - name: capped
-    tokens: [{CAPPED}]
-    anthropic_api_key: fake-key
-    budget: {{daily: 100}}
-"""
-
-
 @pytest.fixture
 def addon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Metrion]:
-    monkeypatch.setenv("METRION_TEST_REAL_KEY", REAL_KEY)
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(config_text(tmp_path / "m.db", getattr(request, "param", "")))
-    m = Metrion()
-    with taddons.context(m) as tctx:
-        tctx.configure(m, metrion_config=str(cfg))
+    with configured_addon(tmp_path, monkeypatch, getattr(request, "param", "")) as m:
         yield m
-        m.done()
 
 
 def post(size: int, path: str = "/v1/messages", **headers: str) -> Any:
@@ -107,11 +93,13 @@ def test_other_bodies_are_buffered(addon: Metrion, f: Any) -> None:
     assert f.response is None and not f.request.stream
 
 
-@pytest.mark.parametrize("addon", [HARD, "block_unknown_models: true\n"], indirect=True, ids=["hard", "block"])
+@pytest.mark.parametrize(
+    "addon", [CAPPED_ACCOUNT, "block_unknown_models: true\n"], indirect=True, ids=["hard", "block"]
+)
 def test_a_body_something_must_read_first_is_buffered(addon: Metrion) -> None:
     """A hard budget estimates from the whole body before forwarding; the unknown-model refusal reads the model."""
     assert addon.rt is not None
-    token = CAPPED if addon.rt.config.budgets.any else MANAGED_TOKEN
+    token = CAPPED_TOKEN if addon.rt.config.budgets.any else MANAGED_TOKEN
     assert addon.rt.config.budgets.any or addon.rt.config.budgets.block_unknown_models
     f = post(10 * STREAM_BODY_MIN, **{"x-api-key": token})
     addon.requestheaders(f)

@@ -11,17 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mitmproxy.test import taddons, tflow, tutils
+from mitmproxy.test import tflow, tutils
 
 from metrion_addon import accountant as accountant_module
 from metrion_addon import schema, store
-from metrion_addon.addon import Metrion
 from metrion_addon.batches import BatchMeta, BatchResult, result_row
 from metrion_addon.pgstore import pg_type
 from metrion_addon.pricing import Priced, Pricer
 from metrion_addon.record import Pending, finish
 from metrion_addon.usage import JsonTap, StreamTap
-from tests.conftest import MANAGED_TOKEN, REAL_KEY, config_text
+from tests.conftest import MANAGED_TOKEN, configured_addon
 
 PACKAGE = Path(schema.__file__).parent
 TS = datetime(2026, 6, 1, tzinfo=UTC).timestamp()
@@ -99,17 +98,12 @@ def batch_rows() -> list[dict[str, Any]]:
 
 def fallback_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     """accountant.account's row when accounting itself fails (a bug in finish): what is certain, nothing else."""
-    monkeypatch.setenv("METRION_TEST_REAL_KEY", REAL_KEY)
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(config_text(tmp_path / "m.db"))
 
     def broken(*_: Any, **__: Any) -> Any:
         raise RuntimeError("a bug in accounting")
 
     monkeypatch.setattr(accountant_module, "finish", broken)
-    m = Metrion()
-    with taddons.context(m) as tctx:
-        tctx.configure(m, metrion_config=str(cfg))
+    with configured_addon(tmp_path, monkeypatch) as m:
         assert m.rt is not None
         put, seen = m.rt.store.put, []
         monkeypatch.setattr(m.rt.store, "put", lambda row: (seen.append(dict(row)), put(row)))
@@ -124,7 +118,6 @@ def fallback_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[dict[
         f.response = tutils.tresp()
         m.responseheaders(f)
         m.response(f)
-        m.done()
     assert [r["error"] for r in seen] == ["metrion_internal_error"]
     return seen
 
