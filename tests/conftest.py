@@ -20,6 +20,7 @@ from tests.netutil import free_port, stop_process, wait_port
 
 if TYPE_CHECKING:
     from metrion_addon.addon import Metrion
+    from tests.pgserver import PgServer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIM = ROOT / "metrion_addon" / "mitm_script.py"
@@ -151,6 +152,17 @@ def start_proxy(
 
 def stop_proxy(proxy: Proxy) -> None:
     stop_process(proxy.proc)
+
+
+@pytest.fixture(scope="module")
+def pg(request: pytest.FixtureRequest) -> Iterator[PgServer]:
+    """A throwaway PostgreSQL server for one test module (tests/pgserver.py); with metrion's tables already made
+    when the module sets `PG_MIGRATED = True`. The module marks itself with `pytestmark = needs_pg()`."""
+    from tests.pgserver import start_pg
+
+    server = start_pg(migrated=getattr(request.module, "PG_MIGRATED", False))
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

@@ -13,19 +13,13 @@ from metrion_addon.alerts import Alerter, AlertHook
 from metrion_addon.budget import BudgetState
 from metrion_addon.budget_settings import Limit
 from metrion_addon.fleet_alerts import AlertClaims
-from tests.pgserver import PgServer, needs_pg, start_pg
+from tests.pgserver import PgServer, needs_pg
 from tests.webhook import Hooks
 
 pytestmark = needs_pg()
+PG_MIGRATED = True  # the `pg` fixture (conftest.py) starts the server with metrion's tables made
 
 DAY = datetime(2026, 12, 1, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = start_pg(migrated=True)
-    yield server
-    server.close()
 
 
 @pytest.fixture

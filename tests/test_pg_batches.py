@@ -11,17 +11,10 @@ import pytest
 
 from tests.conftest import Proxy, start_proxy, stop_proxy
 from tests.fake_upstream import FakeUpstream
-from tests.pgserver import PgServer, needs_pg, start_pg
+from tests.pgserver import PgServer, needs_pg
 from tests.test_e2e_batches import FOUR, batch_cost, req, results, sdk
 
 pytestmark = needs_pg()
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = start_pg()
-    yield server
-    server.close()
 
 
 @pytest.fixture

@@ -14,18 +14,11 @@ import psycopg
 import pytest
 
 from tests.conftest import MANAGED_TOKEN, FakeProcess, Proxy, start_fake_process, start_proxy, stop_proxy
-from tests.pgserver import PgServer, needs_pg, start_pg
+from tests.pgserver import PgServer, needs_pg
 
 pytestmark = [pytest.mark.slow, needs_pg()]
 
 PROXIES, CLIENTS, REQUESTS = 3, 200, 10_000
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = start_pg()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

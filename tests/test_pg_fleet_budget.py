@@ -10,7 +10,6 @@ import itertools
 import json
 import re
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 
 from tests.conftest import Proxy, start_proxy, stop_proxy
 from tests.fake_upstream import FakeUpstream, Scenario
-from tests.pgserver import PgServer, needs_pg, start_pg
+from tests.pgserver import PgServer, needs_pg
 from tests.webhook import Hooks
 
 pytestmark = [pytest.mark.slow, needs_pg()]
@@ -40,13 +39,6 @@ pricing:
     - {{prefix: claude-test, input: 2, output: 10}}
 """
 USAGE = {"input_tokens": 600, "output_tokens": 400, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = start_pg()
-    yield server
-    server.close()
 
 
 def fleet_rows(url: str) -> list[tuple[float | None, str | None]]:

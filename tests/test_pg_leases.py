@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -18,19 +17,13 @@ import pytest
 from metrion_addon.budget import Budgets
 from metrion_addon.budget_settings import AccountBudgets, BudgetSettings, Limit
 from metrion_addon.leases import LeaseBook, ensure, reclaim, scope_text, sync
-from tests.pgserver import PgServer, needs_pg, start_pg
+from tests.pgserver import PgServer, needs_pg
 
 pytestmark = needs_pg()
+PG_MIGRATED = True  # the `pg` fixture (conftest.py) starts the server with metrion's tables made
 
 DAY = datetime(2026, 12, 1, tzinfo=UTC)
 END = datetime(2026, 12, 2, tzinfo=UTC)
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = start_pg(migrated=True)
-    yield server
-    server.close()
 
 
 def key(account: str, user: str | None = None, is_user: bool = False) -> Any:

@@ -14,20 +14,13 @@ import pytest
 from metrion_addon import reprice as reprice_mod
 from metrion_addon.cli import main as cli_main
 from metrion_addon.reprice import main
-from tests.pgserver import PgServer, needs_pg, start_pg
+from tests.pgserver import PgServer, needs_pg
 from tests.test_reprice_unit import TS, make_row, write_config
 
 pytestmark = needs_pg()
 
 DAY = 86400.0
 COSTS = "SELECT id, model, cost_usd, cost_input_usd, cost_output_usd, price_source FROM requests ORDER BY id"
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = start_pg()
-    yield server
-    server.close()
 
 
 @pytest.fixture

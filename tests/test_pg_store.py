@@ -20,18 +20,11 @@ from metrion_addon.config import ConfigError, load_config
 from metrion_addon.pgstore import PgStore, redacted
 from metrion_addon.record import iso_ms
 from tests.conftest import MANAGED_TOKEN, FakeProcess, start_fake_process, start_proxy, stop_proxy
-from tests.pgserver import PgServer, needs_pg, start_pg
+from tests.pgserver import PgServer, needs_pg
 
 pytestmark = needs_pg()
 
 TS0 = 1_795_000_000.0
-
-
-@pytest.fixture(scope="module")
-def pg() -> Iterator[PgServer]:
-    server = start_pg()
-    yield server
-    server.close()
 
 
 @pytest.fixture
