@@ -412,10 +412,9 @@ class Budgets:
     def _after_spend(self, keys: tuple[Key, ...]) -> None:
         if self.on_alert is None:
             return
-        for scope, period, start in keys:
-            lim = next(
-                (lim for s, lim in self._limits(scope[0], scope[1]) if s == scope and lim.period == period), None
-            )
+        for key in keys:
+            scope, period, start = key
+            lim = self.limit_of(key)
             if lim is None:
                 continue
             end = self.period(period, start.timestamp())[1]
