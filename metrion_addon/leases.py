@@ -167,19 +167,17 @@ def sync(
             "wants = EXCLUDED.wants",
             {**pk, "granted": granted, "used": used, "ttl": ttl, "wants": max(size, need) if need > got else 0.0},
         )
-        used_all, live = conn.execute(
+        # One read of the period's leases: the fleet's use, the others' live leases with headroom, and the first
+        # (by instance) live lease that wants more than the fleet could grant (pooling).
+        used_all, live, wanter, wants = conn.execute(
             "SELECT COALESCE(SUM(used), 0), count(*) FILTER (WHERE instance <> %(instance)s AND expires_at > now() "
-            "AND granted > used) FROM budget_leases WHERE scope = %(scope)s AND period = %(period)s "
+            "AND granted > used), (array_agg(instance ORDER BY instance) FILTER (WHERE expires_at > now() "
+            "AND wants > 0))[1], (array_agg(wants ORDER BY instance) FILTER (WHERE expires_at > now() "
+            "AND wants > 0))[1] FROM budget_leases WHERE scope = %(scope)s AND period = %(period)s "
             "AND period_start = %(start)s",
             pk,
         ).fetchone()  # type: ignore[misc]
-        first = conn.execute(
-            "SELECT instance, wants FROM budget_leases WHERE scope = %(scope)s AND period = %(period)s "
-            "AND period_start = %(start)s AND expires_at > now() AND wants > 0 ORDER BY instance LIMIT 1",
-            pk,
-        ).fetchone()
-    wanter, wants = (first[0], float(first[1])) if first else (None, 0.0)
-    return Synced(granted, total, seed + float(used_all), int(live), got, wanter, wants)
+    return Synced(granted, total, seed + float(used_all), int(live), got, wanter, float(wants or 0.0))
 
 
 def reclaim(conn: psycopg.Connection[Any]) -> float:
